@@ -1,0 +1,36 @@
+"""amb-core: the Agent Message Bus. One asyncio API over any message broker."""
+
+from amb_core.broker import Broker, Capabilities, Delivery
+from amb_core.bus import AgentMessageBus, Subscription
+from amb_core.errors import (
+    AmbError,
+    BrokerConnectionError,
+    DecodeError,
+    MissingDependency,
+    NoResponders,
+    NotConnected,
+    RequestTimeout,
+    UnsupportedFeature,
+)
+from amb_core.message import Message
+from amb_core.retry import RetryPolicy
+
+__version__ = "0.4.0.dev0"
+
+__all__ = [
+    "AgentMessageBus",
+    "AmbError",
+    "Broker",
+    "BrokerConnectionError",
+    "Capabilities",
+    "DecodeError",
+    "Delivery",
+    "Message",
+    "MissingDependency",
+    "NoResponders",
+    "NotConnected",
+    "RequestTimeout",
+    "RetryPolicy",
+    "Subscription",
+    "UnsupportedFeature",
+]

@@ -1,0 +1,285 @@
+"""MemoryBroker: an in-process broker for tests, demos and single-process agent systems.
+
+Nothing is shared between instances. Each subscription has a bounded buffer (``buffer_size``): a
+publisher that outruns a slow subscriber waits, so memory stays bounded. A bounded log of the
+last ``log_size`` messages serves :meth:`AgentMessageBus.replay`.
+
+Messages published through the bus skip the wire envelope but not JSON: the payload is encoded
+at publish (so a payload no other broker could send fails here too) and decoded per subscriber,
+so subscribers never share a mutable payload. Bytes published with :meth:`publish` (as a foreign
+producer would) go through the bus's envelope decoding like on any other broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from amb_core.broker import Broker, BrokerSubscription, Capabilities, Delivery, DeliveryHandler
+from amb_core.envelope import OCTET_STREAM, encode_data
+from amb_core.errors import NotConnected
+from amb_core.message import Message
+from amb_core.topics import matches
+
+
+class _Channel:
+    """A bounded FIFO for one reader or several (a group's members take turns).
+
+    asyncio.Queue does the same with more bookkeeping per item; this is the broker's hot path.
+    """
+
+    __slots__ = ("_getters", "_items", "_maxsize", "_putters")
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: deque[Delivery] = deque()
+        self._maxsize = maxsize
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @staticmethod
+    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def offer(self, item: Delivery) -> bool:
+        """Append without waiting; False when full."""
+        if len(self._items) >= self._maxsize:
+            return False
+        self._items.append(item)
+        if self._getters:
+            self._wake(self._getters)
+        return True
+
+    async def put(self, item: Delivery) -> None:
+        while len(self._items) >= self._maxsize:
+            await self._wait(self._putters)
+        self._items.append(item)
+        if self._getters:
+            self._wake(self._getters)
+
+    async def get(self) -> Delivery:
+        while not self._items:
+            await self._wait(self._getters)
+        item = self._items.popleft()
+        if self._putters:
+            self._wake(self._putters)
+        elif self._items and self._getters:
+            self._wake(self._getters)
+        return item
+
+    async def _wait(self, waiters: deque[asyncio.Future[None]]) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake(waiters)  # pass the wake-up on to the next waiter
+            raise
+
+
+@dataclass(eq=False)
+class _Target:
+    """One channel messages are routed to: a plain subscription's own, or a group's shared one."""
+
+    pattern: str
+    group: str | None
+    channel: _Channel
+    readers: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+# A replay log entry, as a plain tuple (cheapest to build on every publish):
+# (position, topic, timestamp, body, headers or None, message or None, is_json).
+# Published through the bus: message set, headers None. Raw bytes: headers set, message None.
+_LogEntry = tuple[int, str, float, bytes, "dict[str, str] | None", "Message | None", bool]
+
+
+class _MemorySubscription(BrokerSubscription):
+    def __init__(self, broker: MemoryBroker, target: _Target, reader: asyncio.Task[None]) -> None:
+        self._broker = broker
+        self._target = target
+        self._reader = reader
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        self._target.readers.discard(self._reader)
+        if not self._target.readers:
+            self._broker._remove_target(self._target)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+def _clone(msg: Message, payload: Any) -> Message:
+    """A per-subscriber copy, cheaper than dataclasses.replace on the hot path."""
+    copy = object.__new__(Message)
+    copy.topic = msg.topic
+    copy.payload = payload
+    copy.headers = dict(msg.headers)
+    copy.correlation_id = msg.correlation_id
+    copy.reply_to = msg.reply_to
+    copy.id = msg.id
+    copy.timestamp = msg.timestamp
+    copy.causation_id = msg.causation_id
+    copy.attempt = msg.attempt
+    copy.source = msg.source
+    copy.type = msg.type
+    copy.position = None
+    return copy
+
+
+class MemoryBroker(Broker):
+    """In-process broker. ``buffer_size`` bounds each subscription's queue; ``log_size`` bounds
+    the replay log (0 turns it off). Pass one instance to several buses to let them talk."""
+
+    capabilities = Capabilities(
+        wildcards=True,
+        consumer_groups=True,
+        persistent=False,
+        redelivers_unacked=False,
+        replay=True,
+        ordering=True,
+        at_least_once=False,
+        headers=True,
+    )
+    in_process = True
+
+    def __init__(self, *, buffer_size: int = 1024, log_size: int = 10_000) -> None:
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        self.buffer_size = buffer_size
+        self.log_size = log_size
+        self._targets: list[_Target] = []
+        self._groups: dict[tuple[str, str], _Target] = {}
+        self._routes: dict[str, tuple[_Target, ...]] = {}
+        self._log: deque[_LogEntry] = deque(maxlen=log_size or None)
+        self._positions = itertools.count(1)
+        self._connections = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker(buffer_size={self.buffer_size}, log_size={self.log_size})"
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryBroker:
+        return cls()
+
+    async def connect(self) -> None:
+        self._connections += 1
+
+    async def close(self) -> None:
+        """Several buses may share one MemoryBroker (agents in one process): the last close
+        tears it down."""
+        self._connections = max(self._connections - 1, 0)
+        if self._connections:
+            return
+        for target in list(self._targets):
+            for reader in list(target.readers):
+                reader.cancel()
+        self._targets.clear()
+        self._groups.clear()
+        self._routes.clear()
+
+    def _route(self, topic: str) -> tuple[_Target, ...]:
+        targets = self._routes.get(topic)
+        if targets is None:
+            if not self._connections:
+                raise NotConnected("MemoryBroker is not connected")
+            targets = tuple(t for t in self._targets if matches(t.pattern, topic))
+            if len(self._routes) > 10_000:
+                self._routes.clear()
+            self._routes[topic] = targets
+        return targets
+
+    async def publish_local(self, msg: Message) -> None:
+        topic = msg.topic
+        targets = self._route(topic)
+        body, content_type = encode_data(msg.payload)
+        is_json = content_type != OCTET_STREAM
+        if self.log_size:
+            entry = (next(self._positions), topic, msg.timestamp, body, None, msg, is_json)
+            self._log.append(entry)
+        for target in targets:
+            payload = orjson.loads(body) if is_json else body
+            delivery = Delivery(topic, body, {}, message=_clone(msg, payload))
+            if not target.channel.offer(delivery):
+                await target.channel.put(delivery)
+
+    async def publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
+        """Bytes as a foreign producer would send them; the bus decodes them on delivery."""
+        targets = self._route(topic)
+        if self.log_size:
+            entry = (next(self._positions), topic, time.time(), body, dict(headers), None, False)
+            self._log.append(entry)
+        for target in targets:
+            await target.channel.put(Delivery(topic, body, dict(headers)))
+
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: DeliveryHandler,
+        *,
+        group: str | None = None,
+        prefetch: int = 1,
+    ) -> BrokerSubscription:
+        if not self._connections:
+            raise NotConnected("MemoryBroker is not connected")
+        target = self._groups.get((group, pattern)) if group is not None else None
+        if target is None:
+            target = _Target(pattern, group, _Channel(self.buffer_size))
+            self._targets.append(target)
+            if group is not None:
+                self._groups[(group, pattern)] = target
+            self._routes.clear()
+        reader = asyncio.get_running_loop().create_task(_read(target.channel, handler))
+        target.readers.add(reader)
+        return _MemorySubscription(self, target, reader)
+
+    def _remove_target(self, target: _Target) -> None:
+        if target in self._targets:
+            self._targets.remove(target)
+            self._routes.clear()
+        if target.group is not None:
+            self._groups.pop((target.group, target.pattern), None)
+
+    async def replay(
+        self, topic: str, since: int | str | datetime | None
+    ) -> AsyncIterator[Delivery]:
+        start_position = 0
+        start_time = float("-inf")
+        if isinstance(since, datetime):
+            start_time = since.timestamp()
+        elif isinstance(since, str):
+            start_position = int(since)
+        elif isinstance(since, int):
+            start_position = since
+        for entry in list(self._log):
+            position, entry_topic, timestamp, body, headers, message, is_json = entry
+            if position < start_position or timestamp < start_time:
+                continue
+            if not matches(topic, entry_topic):
+                continue
+            if message is not None:
+                copy = _clone(message, orjson.loads(body) if is_json else body)
+                copy.position = position
+                yield Delivery(entry_topic, body, {}, position=position, message=copy)
+            else:
+                yield Delivery(entry_topic, body, dict(headers or {}), position=position)
+
+
+async def _read(channel: _Channel, handler: DeliveryHandler) -> None:
+    while True:
+        await handler(await channel.get())

@@ -1,0 +1,173 @@
+"""The adapter contract: what a broker adapter implements, and nothing more.
+
+The bus owns messages, the envelope, retries, dead-lettering, request/reply and metrics. An adapter
+only moves bytes plus string headers to and from its broker, acknowledges them, and declares in
+:class:`Capabilities` what its broker can do. A new adapter is one subclass of :class:`Broker`
+plus one test module that runs :mod:`amb_core.testing` against it.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, ClassVar
+
+from amb_core.errors import UnsupportedFeature
+
+if TYPE_CHECKING:
+    from amb_core.message import Message
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a broker can do. The contract suite skips a case only when a flag here says so."""
+
+    wildcards: bool = True
+    consumer_groups: bool = True
+    persistent: bool = False
+    """Messages published while no group member runs wait for the first member that joins."""
+    redelivers_unacked: bool = False
+    """A member that dies without acknowledging has its message redelivered to another member."""
+    replay: bool = False
+    ordering: bool = True
+    at_least_once: bool = False
+    """Duplicates are possible (the suite then checks the set, not the count)."""
+    headers: bool = True
+    """Binary-mode envelope (attributes as headers); otherwise structured JSON."""
+    native_request_reply: bool = False
+    """The adapter implements :meth:`Broker.request` with the broker's own mechanism."""
+    reconnect: bool = False
+    """The adapter survives a broker restart and restores its subscriptions by itself."""
+    max_payload: int | None = None
+    """Largest body in bytes the broker accepts; None means no limit that matters here."""
+    native_retry_delay: bool = False
+    """:meth:`Delivery.retry_later` hands delayed redelivery to the broker."""
+
+
+class Delivery:
+    """One received message as the adapter hands it to the bus.
+
+    Adapters subclass it to implement :meth:`ack` (and :meth:`retry_later` where the broker can
+    redeliver later). ``delivery_count`` is the broker's own count where it keeps one (JetStream,
+    quorum queues, Redis XCLAIM), else None. ``reply_to`` is set by adapters with native
+    request/reply. ``position`` is the log position for brokers that keep a log. ``message`` is
+    set only by in-process brokers, which hand over an already decoded Message.
+    """
+
+    __slots__ = ("body", "delivery_count", "headers", "message", "position", "reply_to", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        delivery_count: int | None = None,
+        reply_to: str | None = None,
+        position: int | str | None = None,
+        message: Message | None = None,
+    ) -> None:
+        self.topic = topic
+        self.body = body
+        self.headers = headers
+        self.delivery_count = delivery_count
+        self.reply_to = reply_to
+        self.position = position
+        self.message = message
+
+    async def ack(self) -> None:
+        """The bus is done with this message (handled, or dead-lettered). Default: nothing to do."""
+
+    async def retry_later(self, delay: float) -> bool:
+        """Ask the broker to redeliver after ``delay`` seconds.
+
+        Return True if the broker took it (the bus then forgets the message), False to have the
+        bus retry in process (the default, for brokers without delayed redelivery).
+        """
+        return False
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+"""What an adapter calls per message, in order per subscription. It returns once the bus has
+taken the message; it blocks while the subscription's handlers are all busy (backpressure)."""
+
+
+class BrokerSubscription(ABC):
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop delivering. Unacknowledged messages go back to the broker where it keeps them."""
+
+
+class Broker(ABC):
+    """Base class of every adapter."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    header_prefix: ClassVar[str] = "ce-"
+    """Prefix of CloudEvents attributes in binary mode (``ce-`` NATS/HTTP, ``ce_`` Kafka ...)."""
+    in_process: ClassVar[bool] = False
+    """The bus calls :meth:`publish_local` and deliveries carry ``message`` (no wire encoding)."""
+    default_dead_letter_topic: str = "amb.dead-letter"
+    """Where the bus dead-letters when the subscription names no ``dead_letter_topic``."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Connect; raise a :class:`BrokerConnectionError` within the connect timeout on failure."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush pending publishes and disconnect. Called after the bus drained its handlers."""
+
+    @abstractmethod
+    async def publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
+        """Send one message. Returns once the broker's delivery guarantee for this path holds."""
+
+    @abstractmethod
+    async def subscribe(
+        self,
+        pattern: str,
+        handler: DeliveryHandler,
+        *,
+        group: str | None = None,
+        prefetch: int = 1,
+    ) -> BrokerSubscription:
+        """Start delivering messages of ``pattern`` to ``handler``; return once the broker has
+        the subscription (a message published after this returns reaches it).
+
+        With ``group``, each message goes to exactly one subscription of that group (and, on
+        persistent brokers, waits for one while none runs). ``prefetch`` is how many messages
+        the broker may push ahead of acknowledgement.
+        """
+
+    async def send_reply(self, reply_to: str, body: bytes, headers: dict[str, str]) -> None:
+        """Send a reply to an address from a request's ``reply_to``. Default: publish to it."""
+        await self.publish(reply_to, body, headers)
+
+    async def request(
+        self, topic: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> Delivery:
+        """Native request/reply (only where ``capabilities.native_request_reply``)."""
+        raise UnsupportedFeature(f"{type(self).__name__} has no native request/reply")
+
+    def replay(
+        self, topic: str, since: int | str | datetime | None
+    ) -> AsyncIterator[Delivery]:
+        """The messages of ``topic`` kept in the broker's log, oldest first, then stop.
+
+        ``since``: None from the start, an int or str position (inclusive), a datetime a time.
+        """
+        raise UnsupportedFeature(f"{type(self).__name__} keeps no log to replay")
+
+    async def publish_local(self, msg: Message) -> None:
+        """In-process brokers (``in_process = True``) only: take a Message without the wire."""
+        raise UnsupportedFeature(f"{type(self).__name__} is not an in-process broker")
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+
+
+def mask_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``, for reprs and log lines."""
+    return _URL_PASSWORD.sub(r"\g<scheme>***@", url)

@@ -1,0 +1,237 @@
+"""The wire envelope: CloudEvents 1.0, pure functions from Message to bytes and back.
+
+Binary mode (brokers with headers): the attributes travel as headers named ``prefix + name``
+(``ce-id``, ``ce-time`` ...), the content type as ``content-type``, the user's own headers as they
+are, and the body is the data alone. Structured mode (brokers without headers): one JSON object
+``{"specversion": "1.0", "id": ..., "data": ...}`` with bytes payloads as ``data_base64`` and the
+user's headers under the extension ``ambheaders``.
+
+Extensions: ``correlationid``, ``causationid`` (the CloudEvents correlation extension),
+``ambreplyto`` and ``ambattempt``. W3C ``traceparent`` is an ordinary header.
+
+Decoding never raises anything but :class:`DecodeError`, and only for input that claims to be an
+envelope (``specversion`` present) but is broken. Anything else is foreign: it is returned as a
+Message whose payload is the raw bytes, with ``headers`` holding what the producer sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from amb_core.errors import DecodeError
+from amb_core.message import Message
+
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+CONTENT_TYPE = "content-type"
+_ATTRIBUTES = (
+    "specversion", "id", "source", "type", "time", "correlationid", "causationid",
+    "ambreplyto", "ambattempt",
+)
+
+# --- RFC 3339 time, cached per second (formatting a datetime per message costs more than the rest)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_format_cache: tuple[int, str] = (-1, "")
+_parse_cache: dict[str, int] = {}
+
+
+def format_time(timestamp: float) -> str:
+    """Unix seconds -> ``2026-11-24T11:52:44.123456Z``."""
+    global _format_cache
+    micros = round(timestamp * 1_000_000)
+    seconds, fraction = divmod(micros, 1_000_000)
+    cached_second, prefix = _format_cache
+    if seconds != cached_second:
+        prefix = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _format_cache = (seconds, prefix)
+    return f"{prefix}.{fraction:06d}Z"
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 -> Unix seconds. Fast path for our own format; any RFC 3339 form is accepted."""
+    if len(text) == 27 and text[19] == "." and text[26] == "Z":
+        seconds = _parse_cache.get(text[:19])
+        if seconds is None:
+            seconds = int(datetime.fromisoformat(text[:19] + "+00:00").timestamp())
+            if len(_parse_cache) > 4096:
+                _parse_cache.clear()
+            _parse_cache[text[:19]] = seconds
+        fraction = text[20:26]
+        if fraction.isdigit():
+            return (seconds * 1_000_000 + int(fraction)) / 1_000_000
+    normalized = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    moment = datetime.fromisoformat(normalized)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // _MICROSECOND / 1_000_000
+
+
+_MICROSECOND = datetime.resolution
+
+
+def _json_default(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)  # pydantic v2 models
+    if dump is not None:
+        return dump(mode="json")
+    raise TypeError(f"payload of type {type(value).__name__} is not JSON serialisable")
+
+
+def encode_data(payload: Any) -> tuple[bytes, str]:
+    """The body bytes and content type of a payload: bytes pass through, the rest is JSON."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload), OCTET_STREAM
+    return orjson.dumps(payload, default=_json_default), JSON
+
+
+def _decode_data(body: bytes, content_type: str | None) -> Any:
+    if content_type is None or content_type == OCTET_STREAM:
+        return body
+    if content_type == JSON or content_type.startswith(JSON) or content_type.endswith("+json"):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"content type {content_type}, data not JSON: {exc}") from exc
+    return body
+
+
+# --- binary mode -------------------------------------------------------------------------------
+
+
+def encode_binary(
+    msg: Message, *, prefix: str = "ce-"
+) -> tuple[bytes, dict[str, str]]:
+    """Message -> (body, headers) with the CloudEvents attributes as ``prefix``-named headers."""
+    body, content_type = encode_data(msg.payload)
+    headers = dict(msg.headers)
+    headers[prefix + "specversion"] = "1.0"
+    headers[prefix + "id"] = msg.id
+    headers[prefix + "source"] = msg.source
+    headers[prefix + "type"] = msg.type
+    headers[prefix + "time"] = format_time(msg.timestamp)
+    headers[CONTENT_TYPE] = content_type
+    if msg.correlation_id is not None:
+        headers[prefix + "correlationid"] = msg.correlation_id
+    if msg.causation_id is not None:
+        headers[prefix + "causationid"] = msg.causation_id
+    if msg.reply_to is not None:
+        headers[prefix + "ambreplyto"] = msg.reply_to
+    if msg.attempt != 1:
+        headers[prefix + "ambattempt"] = str(msg.attempt)
+    return body, headers
+
+
+def decode_binary(
+    body: bytes, headers: dict[str, str], *, topic: str, prefix: str = "ce-"
+) -> Message:
+    """(body, headers) -> Message. Foreign input (no ``specversion``) comes back raw."""
+    if prefix + "specversion" not in headers:
+        return Message(topic=topic, payload=bytes(body), headers=dict(headers))
+    try:
+        msg_id = headers[prefix + "id"]
+        timestamp = headers.get(prefix + "time")
+        user_headers = {
+            key: value for key, value in headers.items()
+            if not key.startswith(prefix) and key != CONTENT_TYPE
+        }
+        return Message(
+            topic=topic,
+            payload=_decode_data(body, headers.get(CONTENT_TYPE)),
+            headers=user_headers,
+            correlation_id=headers.get(prefix + "correlationid"),
+            reply_to=headers.get(prefix + "ambreplyto"),
+            id=msg_id,
+            timestamp=parse_time(timestamp) if timestamp else 0.0,
+            causation_id=headers.get(prefix + "causationid"),
+            attempt=int(headers.get(prefix + "ambattempt", 1)),
+            source=headers.get(prefix + "source", "amb-core"),
+            type=headers.get(prefix + "type", "amb.message"),
+        )
+    except DecodeError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise DecodeError(f"broken CloudEvents binary envelope: {exc!r}") from exc
+
+
+# --- structured mode ---------------------------------------------------------------------------
+
+
+def encode_structured(msg: Message) -> bytes:
+    """Message -> one JSON CloudEvent."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": msg.id,
+        "source": msg.source,
+        "type": msg.type,
+        "time": format_time(msg.timestamp),
+    }
+    payload = msg.payload
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        event["datacontenttype"] = OCTET_STREAM
+        event["data_base64"] = base64.b64encode(payload).decode("ascii")
+    else:
+        event["datacontenttype"] = JSON
+        event["data"] = payload
+    if msg.correlation_id is not None:
+        event["correlationid"] = msg.correlation_id
+    if msg.causation_id is not None:
+        event["causationid"] = msg.causation_id
+    if msg.reply_to is not None:
+        event["ambreplyto"] = msg.reply_to
+    if msg.attempt != 1:
+        event["ambattempt"] = msg.attempt
+    if msg.headers:
+        event["ambheaders"] = msg.headers
+    return orjson.dumps(event, default=_json_default)
+
+
+def decode_structured(body: bytes, *, topic: str) -> Message:
+    """One JSON CloudEvent -> Message. Anything that is not a CloudEvent comes back raw."""
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Message(topic=topic, payload=bytes(body))
+    if not isinstance(event, dict) or "specversion" not in event:
+        return Message(topic=topic, payload=bytes(body))
+    try:
+        if "data_base64" in event:
+            payload: Any = base64.b64decode(event["data_base64"], validate=True)
+        else:
+            payload = event.get("data")
+        headers = event.get("ambheaders") or {}
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise DecodeError("ambheaders must be an object of strings")
+        msg_id = event["id"]
+        if not isinstance(msg_id, str):
+            raise DecodeError("id must be a string")
+        timestamp = event.get("time")
+        return Message(
+            topic=topic,
+            payload=payload,
+            headers=headers,
+            correlation_id=_optional_str(event, "correlationid"),
+            reply_to=_optional_str(event, "ambreplyto"),
+            id=msg_id,
+            timestamp=parse_time(timestamp) if isinstance(timestamp, str) else 0.0,
+            causation_id=_optional_str(event, "causationid"),
+            attempt=int(event.get("ambattempt", 1)),
+            source=_optional_str(event, "source") or "amb-core",
+            type=_optional_str(event, "type") or "amb.message",
+        )
+    except DecodeError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, binascii.Error) as exc:
+        raise DecodeError(f"broken CloudEvents structured envelope: {exc!r}") from exc
+
+
+def _optional_str(event: dict[str, Any], key: str) -> str | None:
+    value = event.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise DecodeError(f"{key} must be a string")

@@ -1,0 +1,664 @@
+"""The behaviour contract every adapter passes (shared/design/contract.md), as a pytest class.
+
+Use it from a test module::
+
+    from amb_core.testing import BrokerContract
+
+    class TestMyBroker(BrokerContract):
+        @pytest.fixture
+        def broker_factory(self):
+            return lambda: MyBroker(url=...)
+
+Optional fixtures a subclass may override:
+
+- ``raw_publish``: ``async (topic, body, headers) -> None`` publishing with the broker's plain
+  client, as a foreign producer would (the foreign-input case needs it; headers may be ignored
+  by brokers without headers).
+- ``restartable``: ``(factory, restart)`` where ``factory()`` makes a broker for a private server
+  and ``await restart()`` restarts that server (the reconnect case needs it).
+
+Cases skip themselves only from the broker's declared :class:`Capabilities` (or a missing
+optional fixture, which the skip reason names). Topics are unique per test, so the suite runs
+against shared servers that keep state between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from amb_core import AgentMessageBus, Message, RequestTimeout, RetryPolicy
+from amb_core.broker import Broker, Capabilities
+from amb_core.retry import ATTEMPTS, ERROR_MESSAGE, ERROR_TYPE, ORIGINAL_TOPIC
+
+BrokerFactory = Callable[[], Broker]
+RawPublish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+
+
+class Collector:
+    """Collects messages and lets a test wait, bounded, until a condition holds."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, msg: Message) -> None:
+        self.messages.append(msg)
+        self._changed.set()
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [m.payload for m in self.messages]
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"condition not met within {timeout}s; {len(self.messages)} message(s) seen"
+                )
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def wait_count(self, count: int, timeout: float) -> None:
+        await self.wait_for(lambda: len(self.messages) >= count, timeout)
+
+
+class BrokerContract:
+    """The contract cases. ``wait`` scales every bounded wait for slow brokers."""
+
+    wait: float = 10.0
+    """Upper bound in seconds for a case to see what it waits for."""
+    redelivery_wait: float = 30.0
+    """Upper bound for a crashed member's message to be redelivered (broker idle timeouts)."""
+
+    # --- fixtures ----------------------------------------------------------------------------
+
+    @pytest.fixture
+    def broker_factory(self) -> BrokerFactory:
+        raise NotImplementedError("a BrokerContract subclass must define broker_factory")
+
+    @pytest.fixture
+    def raw_publish(self) -> RawPublish | None:
+        return None
+
+    @pytest.fixture
+    def restartable(self) -> tuple[BrokerFactory, Callable[[], Awaitable[None]]] | None:
+        return None
+
+    @pytest.fixture
+    async def make_bus(
+        self, broker_factory: BrokerFactory
+    ) -> AsyncIterator[Callable[..., Awaitable[AgentMessageBus]]]:
+        buses: list[AgentMessageBus] = []
+
+        async def make(**options: Any) -> AgentMessageBus:
+            bus = AgentMessageBus(broker=broker_factory(), **options)
+            await bus.connect()
+            buses.append(bus)
+            return bus
+
+        yield make
+        for bus in buses:
+            await bus.close(timeout=2.0)
+
+    @pytest.fixture
+    async def bus(self, make_bus: Callable[..., Awaitable[AgentMessageBus]]) -> AgentMessageBus:
+        return await make_bus()
+
+    @pytest.fixture
+    def topic(self) -> str:
+        """A topic prefix unique to this test."""
+        return f"ct.{uuid.uuid4().hex[:12]}"
+
+    @staticmethod
+    def caps(bus: AgentMessageBus) -> Capabilities:
+        return bus.broker.capabilities
+
+    @staticmethod
+    def need(flag: bool, what: str) -> None:
+        if not flag:
+            pytest.skip(f"the broker declares no {what}")
+
+    # --- publish / subscribe -----------------------------------------------------------------
+
+    async def test_publish_subscribe_intact(self, bus: AgentMessageBus, topic: str) -> None:
+        got = Collector()
+        await bus.subscribe(topic, got)
+        sent = [
+            Message(topic=topic, payload={"n": i, "text": "hello", "nested": {"list": [1, 2.5]}},
+                    headers={"x-app": "contract", "x-n": str(i)}, correlation_id=f"c-{i}")
+            for i in range(100)
+        ]
+        for msg in sent:
+            await bus.publish(msg)
+        await got.wait_count(100, self.wait)
+        by_id = {m.id: m for m in got.messages}
+        assert len(by_id) == 100
+        for msg in sent:
+            received = by_id[msg.id]
+            assert received.topic == msg.topic
+            assert received.payload == msg.payload
+            assert received.headers == msg.headers
+            assert received.correlation_id == msg.correlation_id
+            assert received.timestamp == msg.timestamp
+            assert received.attempt == 1
+
+    async def test_concurrent_publishers_and_subscribers(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        publisher_bus = await make_bus()
+        subscribers = [Collector() for _ in range(3)]
+        for index, collector in enumerate(subscribers):
+            sub_bus = publisher_bus if index == 0 else await make_bus()
+            await sub_bus.subscribe(topic, collector)
+
+        async def publisher(p: int) -> None:
+            for i in range(250):
+                await publisher_bus.publish(Message(topic=topic, payload=[p, i]))
+
+        await asyncio.gather(*(publisher(p) for p in range(20)))
+        expected = {(p, i) for p in range(20) for i in range(250)}
+        for collector in subscribers:
+            await collector.wait_for(
+                lambda c=collector: {tuple(x) for x in c.payloads} >= expected,  # type: ignore[misc]
+                self.wait * 3,
+            )
+            if not self.caps(publisher_bus).at_least_once:
+                assert len(collector.messages) == 5000
+
+    async def test_many_topics(self, bus: AgentMessageBus, topic: str) -> None:
+        collectors = {f"{topic}.t{t}": Collector() for t in range(20)}
+        for name, collector in collectors.items():
+            await bus.subscribe(name, collector)
+
+        async def publish_all(name: str) -> None:
+            for i in range(100):
+                await bus.publish(Message(topic=name, payload={"topic": name, "i": i}))
+
+        await asyncio.gather(*(publish_all(name) for name in collectors))
+        for name, collector in collectors.items():
+            await collector.wait_for(
+                lambda c=collector: len({p["i"] for p in c.payloads}) == 100,  # type: ignore[misc]
+                self.wait,
+            )
+            assert {p["topic"] for p in collector.payloads} == {name}
+
+    async def test_topic_isolation(self, bus: AgentMessageBus, topic: str) -> None:
+        a, b = Collector(), Collector()
+        await bus.subscribe(f"{topic}.a", a)
+        await bus.subscribe(f"{topic}.b", b)
+        for i in range(10):
+            await bus.publish(Message(topic=f"{topic}.a", payload=i))
+        await bus.publish(Message(topic=f"{topic}.b", payload="sentinel"))
+        await b.wait_count(1, self.wait)
+        await a.wait_count(10, self.wait)
+        assert b.payloads == ["sentinel"]
+        assert sorted(a.payloads) == list(range(10))
+
+    async def test_fan_out(self, bus: AgentMessageBus, topic: str) -> None:
+        first, second = Collector(), Collector()
+        await bus.subscribe(topic, first)
+        await bus.subscribe(topic, second)
+        for i in range(50):
+            await bus.publish(Message(topic=topic, payload=i))
+        await first.wait_count(50, self.wait)
+        await second.wait_count(50, self.wait)
+        assert sorted(first.payloads) == sorted(second.payloads) == list(range(50))
+
+    async def test_wildcards(self, bus: AgentMessageBus, topic: str) -> None:
+        self.need(self.caps(bus).wildcards, "wildcards")
+        star, tail, exact = Collector(), Collector(), Collector()
+        await bus.subscribe(f"{topic}.events.user.*", star)
+        await bus.subscribe(f"{topic}.events.>", tail)
+        await bus.subscribe(f"{topic}.events", exact)
+        for suffix in ("events.user.created", "events.user.a.b", "events.order.created",
+                       "events", "events.x"):
+            await bus.publish(Message(topic=f"{topic}.{suffix}", payload=suffix))
+        await bus.publish(Message(topic=f"{topic}.events.user.done", payload="events.user.done"))
+        await star.wait_for(lambda: "events.user.done" in star.payloads, self.wait)
+        await tail.wait_for(lambda: "events.user.done" in tail.payloads, self.wait)
+        await exact.wait_count(1, self.wait)
+        assert sorted(star.payloads) == ["events.user.created", "events.user.done"]
+        assert sorted(tail.payloads) == sorted([
+            "events.user.created", "events.user.a.b", "events.order.created", "events.x",
+            "events.user.done",
+        ])
+        assert exact.payloads == ["events"]
+        assert [m.topic for m in star.messages if m.payload == "events.user.created"] == [
+            f"{topic}.events.user.created"
+        ]
+
+    # --- consumer groups ---------------------------------------------------------------------
+
+    async def test_consumer_group_exactly_one(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        bus = await make_bus()
+        self.need(self.caps(bus).consumer_groups, "consumer groups")
+        seen: list[tuple[int, Any]] = []
+        done = asyncio.Event()
+
+        def member(index: int) -> Callable[[Message], Awaitable[None]]:
+            async def handle(msg: Message) -> None:
+                seen.append((index, msg.payload))
+                await asyncio.sleep(0.001)
+                if len({p for _, p in seen}) >= 1000:
+                    done.set()
+            return handle
+
+        for index in range(4):
+            member_bus = bus if index == 0 else await make_bus()
+            await member_bus.subscribe(topic, member(index), consumer_group="workers")
+        for i in range(1000):
+            await bus.publish(Message(topic=topic, payload=i))
+        await asyncio.wait_for(done.wait(), self.wait * 3)
+        await asyncio.sleep(0.2)  # a window for duplicates to show up, if any
+        payloads = [p for _, p in seen]
+        assert set(payloads) == set(range(1000))
+        if not self.caps(bus).at_least_once:
+            assert len(payloads) == 1000, "a message reached more than one member"
+        members_used = {index for index, _ in seen}
+        assert len(members_used) >= 2, f"the load was not shared: {members_used}"
+
+    async def test_consumer_groups_independent(self, bus: AgentMessageBus, topic: str) -> None:
+        self.need(self.caps(bus).consumer_groups, "consumer groups")
+        first, second = Collector(), Collector()
+        await bus.subscribe(topic, first, consumer_group="group-a")
+        await bus.subscribe(topic, second, consumer_group="group-b")
+        for i in range(100):
+            await bus.publish(Message(topic=topic, payload=i))
+        await first.wait_for(lambda: set(first.payloads) == set(range(100)), self.wait)
+        await second.wait_for(lambda: set(second.payloads) == set(range(100)), self.wait)
+
+    async def test_durable_group(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        publisher = await make_bus()
+        caps = self.caps(publisher)
+        self.need(caps.consumer_groups and caps.persistent, "persistent consumer groups")
+        first_member = await make_bus()
+        sub = await first_member.subscribe(topic, Collector(), consumer_group="durable")
+        await sub.unsubscribe()
+        await first_member.close()
+        for i in range(20):
+            await publisher.publish(Message(topic=topic, payload=i))
+        await publisher.close()  # close flushes whatever is still pending
+        late = Collector()
+        joiner = await make_bus()
+        await joiner.subscribe(topic, late, consumer_group="durable")
+        await late.wait_for(lambda: set(late.payloads) == set(range(20)), self.wait)
+
+    async def test_ordering(self, bus: AgentMessageBus, topic: str) -> None:
+        self.need(self.caps(bus).ordering, "ordering guarantee")
+        got = Collector()
+        await bus.subscribe(topic, got)
+        for i in range(1000):
+            await bus.publish(Message(topic=topic, payload=i))
+        await got.wait_count(1000, self.wait)
+        assert got.payloads == list(range(1000))
+
+    # --- request / reply ---------------------------------------------------------------------
+
+    async def test_request_response(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+
+        async def calculate(msg: Message) -> dict[str, Any]:
+            await asyncio.sleep(0.001)
+            return {"sum": sum(msg.payload["values"]), "echo": msg.payload["n"]}
+
+        await server.subscribe(topic, calculate, max_concurrency=50)
+        reply = await client.request(
+            Message(topic=topic, payload={"values": [1, 2, 3], "n": -1}, correlation_id="corr-1"),
+            timeout=self.wait,
+        )
+        assert reply.payload == {"sum": 6, "echo": -1}
+        assert reply.correlation_id == "corr-1"
+
+        async def one(n: int) -> None:
+            answer = await client.request(
+                Message(topic=topic, payload={"values": [n, n], "n": n}), timeout=self.wait
+            )
+            assert answer.payload == {"sum": 2 * n, "echo": n}
+
+        await asyncio.gather(*(one(n) for n in range(200)))
+
+    async def test_explicit_reply(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+
+        async def answer(msg: Message) -> None:
+            await server.reply(msg, {"pong": msg.payload}, headers={"x-by": "explicit"})
+
+        await server.subscribe(topic, answer)
+        reply = await client.request(Message(topic=topic, payload="ping"), timeout=self.wait)
+        assert reply.payload == {"pong": "ping"}
+        assert reply.headers.get("x-by") == "explicit"
+
+    async def test_request_timeout_and_late_reply(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            await client.request(Message(topic=f"{topic}.nobody", payload=1), timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 2.0
+        assert issubclass(RequestTimeout, TimeoutError)
+
+        calls: list[Any] = []
+        release = asyncio.Event()
+
+        async def slow(msg: Message) -> str:
+            calls.append(msg.payload)
+            await release.wait()
+            return "late"
+
+        await server.subscribe(f"{topic}.slow", slow, max_concurrency=4)
+        with pytest.raises(RequestTimeout):
+            await client.request(Message(topic=f"{topic}.slow", payload="first"), timeout=0.3)
+        release.set()
+        # The late reply is dropped; a new request still gets its own answer.
+        answer = await client.request(Message(topic=f"{topic}.slow", payload="second"),
+                                      timeout=self.wait)
+        assert answer.payload == "late"
+        await asyncio.sleep(0.2)
+        assert calls == ["first", "second"], "a reply was re-delivered as a request"
+
+    # --- failures ----------------------------------------------------------------------------
+
+    async def test_handler_error_then_retry(self, bus: AgentMessageBus, topic: str) -> None:
+        attempts: list[tuple[str, int]] = []
+        done = asyncio.Event()
+
+        async def flaky(msg: Message) -> None:
+            attempts.append((msg.id, msg.attempt))
+            if len(attempts) < 3:
+                raise RuntimeError("transient")
+            done.set()
+
+        await bus.subscribe(topic, flaky, consumer_group="retry" if self.caps(bus).consumer_groups
+                            else None, retry=RetryPolicy(max_attempts=5, initial_delay=0.05))
+        msg = Message(topic=topic, payload="work")
+        await bus.publish(msg)
+        await asyncio.wait_for(done.wait(), self.wait)
+        assert [a for _, a in attempts] == [1, 2, 3]
+        assert {i for i, _ in attempts} == {msg.id}
+
+    async def test_poison_message_dead_lettered(self, bus: AgentMessageBus, topic: str) -> None:
+        dead, good = Collector(), Collector()
+        dlq = f"{topic}.dlq"
+        await bus.subscribe(dlq, dead)
+
+        async def handler(msg: Message) -> None:
+            if msg.payload == "poison":
+                raise ValueError("cannot digest poison")
+            await good(msg)
+
+        group = "poison" if self.caps(bus).consumer_groups else None
+        await bus.subscribe(topic, handler, consumer_group=group, dead_letter_topic=dlq,
+                            retry=RetryPolicy(max_attempts=3, initial_delay=0.02))
+        poison = Message(topic=topic, payload="poison", headers={"x-keep": "yes"})
+        await bus.publish(poison)
+        await bus.publish(Message(topic=topic, payload="fine"))
+        await dead.wait_count(1, self.wait)
+        await good.wait_count(1, self.wait)
+        letter = dead.messages[0]
+        assert letter.payload == "poison"
+        assert letter.id == poison.id
+        assert letter.headers[ERROR_TYPE] == "ValueError"
+        assert letter.headers[ERROR_MESSAGE] == "cannot digest poison"
+        assert letter.headers[ATTEMPTS] == "3"
+        assert letter.headers[ORIGINAL_TOPIC] == topic
+        assert letter.headers["x-keep"] == "yes"
+        assert good.payloads == ["fine"]
+
+    async def test_default_dead_letter_destination(self, bus: AgentMessageBus, topic: str) -> None:
+        dead = Collector()
+        destination = bus.broker.default_dead_letter_topic
+        await bus.subscribe(destination, dead)
+
+        async def fail(msg: Message) -> None:
+            raise KeyError("missing")
+
+        await bus.subscribe(topic, fail, retry=RetryPolicy(max_attempts=1))
+        await bus.publish(Message(topic=topic, payload={"k": 1}))
+        await dead.wait_for(
+            lambda: any(m.headers.get(ORIGINAL_TOPIC) == topic for m in dead.messages), self.wait
+        )
+
+    async def test_crash_mid_handler_redelivered(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        doomed = await make_bus()
+        self.need(self.caps(doomed).redelivers_unacked, "redelivery of unacknowledged messages")
+        started = asyncio.Event()
+
+        async def hang(msg: Message) -> None:
+            started.set()
+            await asyncio.Event().wait()  # never acknowledges
+
+        await doomed.subscribe(topic, hang, consumer_group="crashy")
+        await doomed.publish(Message(topic=topic, payload="survive"))
+        await asyncio.wait_for(started.wait(), self.wait)
+        await doomed.close(timeout=0)  # dies mid-handler: the handler is cancelled, no ack
+        survivor_bus = await make_bus()
+        survivor = Collector()
+        await survivor_bus.subscribe(topic, survivor, consumer_group="crashy")
+        await survivor.wait_for(lambda: "survive" in survivor.payloads, self.redelivery_wait)
+        assert survivor.messages[0].attempt >= 1
+
+    async def test_foreign_and_malformed_input(
+        self, bus: AgentMessageBus, topic: str, raw_publish: RawPublish | None
+    ) -> None:
+        if raw_publish is None:
+            pytest.skip("the adapter's tests provide no raw_publish fixture")
+        got, dead = Collector(), Collector()
+        dlq = f"{topic}.dlq"
+        await bus.subscribe(dlq, dead)
+        await bus.subscribe(topic, got, dead_letter_topic=dlq)
+        await raw_publish(topic, b"\xff\x00 not json at all", {})
+        await raw_publish(topic, b'{"plain": "json from a foreign producer"}', {"x-foreign": "1"})
+        prefix = bus.broker.header_prefix
+        if self.caps(bus).headers:
+            broken = {f"{prefix}specversion": "1.0", f"{prefix}id": "broken-1",
+                      "content-type": "application/json"}
+            await raw_publish(topic, b"{not json", broken)
+        else:
+            await raw_publish(topic, b'{"specversion": "1.0", "data": 1}', {})
+        await bus.publish(Message(topic=topic, payload="after"))
+        await got.wait_for(lambda: "after" in got.payloads, self.wait)
+        await dead.wait_count(1, self.wait)
+        raw = [m.payload for m in got.messages if m.payload != "after"]
+        assert raw == [b"\xff\x00 not json at all", b'{"plain": "json from a foreign producer"}']
+        assert dead.messages[0].headers[ERROR_TYPE] == "DecodeError"
+        assert dead.messages[0].headers[ORIGINAL_TOPIC] == topic
+        assert isinstance(dead.messages[0].payload, bytes)
+
+    async def test_invalid_topics_raise_value_error(self, bus: AgentMessageBus) -> None:
+        bad_topics = ["", "   ", "a..b", "a.", ".a", "a.*", "a.>", "a b", "x" * 300, "a.b*"]
+        for bad in bad_topics:
+            with pytest.raises(ValueError):
+                await bus.publish(Message(topic=bad, payload=1))
+            with pytest.raises(ValueError):
+                await bus.request(Message(topic=bad, payload=1), timeout=0.1)
+        for bad_pattern in ["", "a..b", "a.>.b", "a*", " ", "a.b>"]:
+            with pytest.raises(ValueError):
+                await bus.subscribe(bad_pattern, Collector())
+
+    # --- replay ------------------------------------------------------------------------------
+
+    async def test_replay(self, bus: AgentMessageBus, topic: str) -> None:
+        self.need(self.caps(bus).replay, "replay")
+        sent = []
+        for i in range(5):
+            msg = Message(topic=topic, payload=i)
+            sent.append(msg)
+            await bus.publish(msg)
+            await asyncio.sleep(0.01)  # distinct timestamps for the time-based replay
+        everything = [m async for m in bus.replay(topic)]
+        assert [m.payload for m in everything] == [0, 1, 2, 3, 4]
+        assert [m.id for m in everything] == [m.id for m in sent]
+        third = everything[2]
+        assert third.position is not None
+        from_position = [m.payload async for m in bus.replay(topic, since=third.position)]
+        assert from_position == [2, 3, 4]
+        moment = datetime.fromtimestamp(sent[2].timestamp, timezone.utc)
+        from_time = [m.payload async for m in bus.replay(topic, since=moment)]
+        assert from_time == [2, 3, 4]
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def test_unsubscribe(self, bus: AgentMessageBus, topic: str) -> None:
+        leaving, staying = Collector(), Collector()
+        sub = await bus.subscribe(topic, leaving)
+        await bus.subscribe(topic, staying)
+        await bus.publish(Message(topic=topic, payload="before"))
+        await leaving.wait_count(1, self.wait)
+        await sub.unsubscribe()
+        await bus.publish(Message(topic=topic, payload="after"))
+        await staying.wait_for(lambda: "after" in staying.payloads, self.wait)
+        assert leaving.payloads == ["before"]
+        assert staying.payloads == ["before", "after"]
+
+    async def test_close_drains_in_flight_handlers(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        bus = await make_bus()
+        started, finished = asyncio.Event(), asyncio.Event()
+
+        async def slow(msg: Message) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+            finished.set()
+
+        await bus.subscribe(topic, slow)
+        await bus.publish(Message(topic=topic, payload=1))
+        await asyncio.wait_for(started.wait(), self.wait)
+        await bus.close(timeout=5.0)
+        assert finished.is_set(), "close() returned before the running handler finished"
+
+    async def test_backpressure_bounds_concurrency(self, bus: AgentMessageBus, topic: str) -> None:
+        running = 0
+        peak = 0
+        done = Collector()
+
+        async def slow(msg: Message) -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+            await done(msg)
+
+        await bus.subscribe(topic, slow, max_concurrency=3)
+        for i in range(30):
+            await bus.publish(Message(topic=topic, payload=i))
+        await done.wait_count(30, self.wait)
+        assert peak == 3
+
+    async def test_sync_handler_runs_off_the_loop(self, bus: AgentMessageBus, topic: str) -> None:
+        import threading
+
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def blocking(msg: Message) -> None:
+            threads.append(threading.get_ident())
+            time.sleep(0.01)
+            loop.call_soon_threadsafe(done.set)
+
+        await bus.subscribe(topic, blocking)
+        await bus.publish(Message(topic=topic, payload=1))
+        await asyncio.wait_for(done.wait(), self.wait)
+        assert threads and threads[0] != loop_thread
+
+    async def test_reconnect(
+        self,
+        restartable: tuple[BrokerFactory, Callable[[], Awaitable[None]]] | None,
+        topic: str,
+    ) -> None:
+        if restartable is None:
+            pytest.skip("the adapter's tests provide no restartable server")
+        factory, restart = restartable
+        self.need(factory().capabilities.reconnect, "reconnect")
+        bus = AgentMessageBus(broker=factory())
+        await bus.connect()
+        try:
+            plain, grouped = Collector(), Collector()
+            await bus.subscribe(f"{topic}.plain", plain)
+            if bus.broker.capabilities.consumer_groups:
+                await bus.subscribe(f"{topic}.group", grouped, consumer_group="survivors")
+            await bus.publish(Message(topic=f"{topic}.plain", payload="before"))
+            await plain.wait_count(1, self.wait)
+            await restart()
+            # Publishing may fail while the broker is down or reconnecting: retry, bounded.
+            deadline = time.monotonic() + self.wait * 3
+            while True:
+                try:
+                    await bus.publish(Message(topic=f"{topic}.plain", payload="probe"))
+                    break
+                except (ConnectionError, OSError, TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            # Plain subscriptions are at-most-once: wait until one probe gets through.
+            while "probe" not in plain.payloads:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the plain subscription did not resume")
+                await asyncio.sleep(0.2)
+                await bus.publish(Message(topic=f"{topic}.plain", payload="probe"))
+            if bus.broker.capabilities.consumer_groups and bus.broker.capabilities.persistent:
+                for i in range(50):
+                    await bus.publish(Message(topic=f"{topic}.group", payload=i))
+                await grouped.wait_for(
+                    lambda: set(grouped.payloads) >= set(range(50)), self.wait * 2
+                )
+        finally:
+            await bus.close(timeout=2.0)
+
+    # --- payloads ----------------------------------------------------------------------------
+
+    async def test_big_and_odd_payloads(self, bus: AgentMessageBus, topic: str) -> None:
+        got = Collector()
+        unicode_topic = f"{topic}.événements.用户"
+        await bus.subscribe(topic, got)
+        await bus.subscribe(unicode_topic, got)
+        limit = self.caps(bus).max_payload
+        size = 1024 * 1024 if limit is None else min(1024 * 1024, limit - 4096)
+        big = "x" * size
+        payloads: list[Any] = [None, "", {}, [], 0, False, b"", b"\x00\xff\x10binary", big]
+        for payload in payloads:
+            await bus.publish(Message(topic=topic, payload=payload))
+        await bus.publish(Message(topic=unicode_topic, payload="ünïcödé ✓",
+                                  headers={"x-note": "värde ✓"}))
+        await got.wait_count(len(payloads) + 1, self.wait)
+        received = got.payloads
+        for payload in payloads:
+            assert payload in received
+        odd = [m for m in got.messages if m.topic == unicode_topic]
+        assert odd and odd[0].payload == "ünïcödé ✓"
+        assert odd[0].headers["x-note"] == "värde ✓"
+        assert isinstance(next(p for p in received if p == b"\x00\xff\x10binary"), bytes)
+
+    async def test_payload_over_the_broker_limit_is_refused(
+        self, bus: AgentMessageBus, topic: str
+    ) -> None:
+        limit = self.caps(bus).max_payload
+        if limit is None:
+            pytest.skip("the broker declares no payload limit")
+        with pytest.raises(ValueError, match="limit"):
+            await bus.publish(Message(topic=topic, payload=b"x" * (limit + 1)))
