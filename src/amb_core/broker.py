@@ -160,8 +160,12 @@ class Broker(ABC):
         """
         raise UnsupportedFeature(f"{type(self).__name__} keeps no log to replay")
 
-    async def publish_local(self, msg: Message) -> None:
-        """In-process brokers (``in_process = True``) only: take a Message without the wire."""
+    def publish_local(self, msg: Message) -> Awaitable[None] | None:
+        """In-process brokers (``in_process = True``) only: take a Message without the wire.
+
+        Returns None when the message was taken at once, or an awaitable to wait on while a
+        subscriber's buffer is full (so the common case costs no coroutine).
+        """
         raise UnsupportedFeature(f"{type(self).__name__} is not an in-process broker")
 
 

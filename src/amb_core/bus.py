@@ -262,7 +262,9 @@ class AgentMessageBus:
                 self._checked_topics.clear()
             self._checked_topics.add(topic)
         if self._local:
-            await self.broker.publish_local(msg)
+            blocked = self.broker.publish_local(msg)
+            if blocked is not None:
+                await blocked
             return
         body, headers = self._encode(msg)
         if self._max_payload is not None and len(body) > self._max_payload:
@@ -470,7 +472,9 @@ class AgentMessageBus:
         reply = self._reply_message(request, result)
         try:
             if self._local:
-                await self.broker.publish_local(reply)
+                blocked = self.broker.publish_local(reply)
+                if blocked is not None:
+                    await blocked
             else:
                 body, headers = self._encode(reply)
                 await self.broker.send_reply(reply.topic, body, headers)

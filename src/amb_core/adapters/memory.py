@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -72,6 +72,15 @@ class _Channel:
         if self._getters:
             self._wake(self._getters)
 
+    def poll(self) -> Delivery | None:
+        """The next item without waiting, or None when empty."""
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        if self._putters:
+            self._wake(self._putters)
+        return item
+
     async def get(self) -> Delivery:
         while not self._items:
             await self._wait(self._getters)
@@ -103,10 +112,12 @@ class _Target:
     readers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-# A replay log entry, as a plain tuple (cheapest to build on every publish):
-# (position, topic, timestamp, body, headers or None, message or None, is_json).
-# Published through the bus: message set, headers None. Raw bytes: headers set, message None.
-_LogEntry = tuple[int, str, float, bytes, "dict[str, str] | None", "Message | None", bool]
+# A replay log entry, a flat tuple of plain values: cheap to build on every publish, and not
+# tracked by the garbage collector (it keeps no reference to the publisher's payload objects):
+# (position, topic, timestamp, body, raw_headers, is_json, id, headers, correlation_id,
+#  causation_id, reply_to, source, type). ``raw_headers`` is set (and the rest None) for bytes
+# published with ``publish``, as a foreign producer would.
+_LogEntry = tuple[Any, ...]
 
 
 class _MemorySubscription(BrokerSubscription):
@@ -204,26 +215,33 @@ class MemoryBroker(Broker):
             self._routes[topic] = targets
         return targets
 
-    async def publish_local(self, msg: Message) -> None:
+    def publish_local(self, msg: Message) -> Awaitable[None] | None:
         topic = msg.topic
         targets = self._route(topic)
         body, content_type = encode_data(msg.payload)
         is_json = content_type != OCTET_STREAM
         if self.log_size:
-            entry = (next(self._positions), topic, msg.timestamp, body, None, msg, is_json)
-            self._log.append(entry)
+            self._log.append((
+                next(self._positions), topic, msg.timestamp, body, None, is_json, msg.id,
+                dict(msg.headers) if msg.headers else None, msg.correlation_id,
+                msg.causation_id, msg.reply_to, msg.source, msg.type,
+            ))
+        blocked: list[tuple[_Channel, Delivery]] | None = None
         for target in targets:
             payload = orjson.loads(body) if is_json else body
             delivery = Delivery(topic, body, {}, message=_clone(msg, payload))
             if not target.channel.offer(delivery):
-                await target.channel.put(delivery)
+                if blocked is None:
+                    blocked = []
+                blocked.append((target.channel, delivery))
+        return None if blocked is None else _put_all(blocked)
 
     async def publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
         """Bytes as a foreign producer would send them; the bus decodes them on delivery."""
         targets = self._route(topic)
         if self.log_size:
-            entry = (next(self._positions), topic, time.time(), body, dict(headers), None, False)
-            self._log.append(entry)
+            entry = (next(self._positions), topic, time.time(), body, dict(headers), False)
+            self._log.append(entry + (None,) * 7)
         for target in targets:
             await target.channel.put(Delivery(topic, body, dict(headers)))
 
@@ -267,19 +285,33 @@ class MemoryBroker(Broker):
         elif isinstance(since, int):
             start_position = since
         for entry in list(self._log):
-            position, entry_topic, timestamp, body, headers, message, is_json = entry
+            position, entry_topic, timestamp, body, raw_headers, is_json = entry[:6]
             if position < start_position or timestamp < start_time:
                 continue
             if not matches(topic, entry_topic):
                 continue
-            if message is not None:
-                copy = _clone(message, orjson.loads(body) if is_json else body)
-                copy.position = position
-                yield Delivery(entry_topic, body, {}, position=position, message=copy)
-            else:
-                yield Delivery(entry_topic, body, dict(headers or {}), position=position)
+            if raw_headers is not None:
+                yield Delivery(entry_topic, body, dict(raw_headers), position=position)
+                continue
+            msg_id, headers, correlation_id, causation_id, reply_to, source, kind = entry[6:]
+            message = Message(
+                topic=entry_topic, payload=orjson.loads(body) if is_json else body,
+                headers=dict(headers or {}), correlation_id=correlation_id, reply_to=reply_to,
+                id=msg_id, timestamp=timestamp, causation_id=causation_id, source=source,
+                type=kind, position=position,
+            )
+            yield Delivery(entry_topic, body, {}, position=position, message=message)
+
+
+async def _put_all(blocked: list[tuple[_Channel, Delivery]]) -> None:
+    """Wait for room in each full subscriber buffer (backpressure on the publisher)."""
+    for channel, delivery in blocked:
+        await channel.put(delivery)
 
 
 async def _read(channel: _Channel, handler: DeliveryHandler) -> None:
     while True:
-        await handler(await channel.get())
+        delivery = channel.poll()
+        if delivery is None:
+            delivery = await channel.get()
+        await handler(delivery)

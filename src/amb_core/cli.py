@@ -1,0 +1,173 @@
+"""The ``amb`` command: demo, publish, subscribe, request and bench over any broker URL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from amb_core import AgentMessageBus, Message
+from amb_core.errors import AmbError
+
+DEFAULT_URL = os.environ.get("AMB_URL", "memory://")
+
+
+def _payload(text: str) -> Any:
+    """JSON when it parses as JSON, else the text as a string."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _headers(pairs: Sequence[str]) -> dict[str, str]:
+    headers = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"amb: header {pair!r} is not KEY=VALUE")
+        headers[key] = value
+    return headers
+
+
+def _show(msg: Message) -> str:
+    payload = msg.payload
+    if isinstance(payload, bytes):
+        payload = {"bytes": payload.decode("utf-8", "backslashreplace")}
+    record = {
+        "topic": msg.topic, "id": msg.id, "payload": payload, "headers": msg.headers,
+        "correlation_id": msg.correlation_id, "attempt": msg.attempt,
+        "timestamp": msg.timestamp,
+    }
+    return orjson.dumps({k: v for k, v in record.items() if v not in (None, {})}).decode()
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    async with AgentMessageBus.from_url(args.url) as bus:
+        for _ in range(args.count):
+            await bus.publish(Message(topic=args.topic, payload=_payload(args.payload),
+                                      headers=_headers(args.header),
+                                      correlation_id=args.correlation_id))
+    print(f"published {args.count} message(s) to {args.topic}")
+    return 0
+
+
+async def _subscribe(args: argparse.Namespace) -> int:
+    received = 0
+    enough = asyncio.Event()
+
+    async def show(msg: Message) -> None:
+        nonlocal received
+        print(_show(msg), flush=True)
+        received += 1
+        if args.count and received >= args.count:
+            enough.set()
+
+    async with AgentMessageBus.from_url(args.url) as bus:
+        await bus.subscribe(args.pattern, show, consumer_group=args.group)
+        print(f"listening on {args.pattern} ({bus.broker!r}); Ctrl-C stops", file=sys.stderr)
+        try:
+            await asyncio.wait_for(enough.wait(), args.timeout)
+        except asyncio.TimeoutError:
+            pass
+    return 0
+
+
+async def _request(args: argparse.Namespace) -> int:
+    async with AgentMessageBus.from_url(args.url) as bus:
+        reply = await bus.request(
+            Message(topic=args.topic, payload=_payload(args.payload),
+                    headers=_headers(args.header)),
+            timeout=args.timeout,
+        )
+    print(_show(reply))
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from amb_core.demo import run_demo
+
+    await run_demo(args.url)
+    return 0
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from amb_core import bench
+
+    rows = await bench.run_all(args.url, args.messages, args.requests, args.concurrency,
+                               runs=args.runs)
+    ceiling = rows[0].rate if rows and rows[0].workload.startswith("ceiling") else None
+    print(bench.format_table(args.url, rows, ceiling))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amb", description="amb-core, the Agent Message Bus: one API over any broker.",
+        epilog="Broker URLs: memory:// redis:// rediss:// nats:// amqp:// amqps:// kafka:// "
+               "sqs:// azuresb://  (default: $AMB_URL or memory://)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--url", default=DEFAULT_URL, help="broker URL (default: %(default)s)")
+        return sub
+
+    demo = command("demo", "run a small multi-agent scenario showing every pattern")
+    demo.set_defaults(run=_demo)
+
+    publish = command("publish", "publish a message (PAYLOAD is JSON, or else a string)")
+    publish.add_argument("topic")
+    publish.add_argument("payload")
+    publish.add_argument("-H", "--header", action="append", default=[], metavar="KEY=VALUE")
+    publish.add_argument("--correlation-id")
+    publish.add_argument("-n", "--count", type=int, default=1, help="send it N times")
+    publish.set_defaults(run=_publish)
+
+    subscribe = command("subscribe", "print messages of a topic pattern (wildcards * and >)")
+    subscribe.add_argument("pattern")
+    subscribe.add_argument("-g", "--group", help="join this consumer group")
+    subscribe.add_argument("-n", "--count", type=int, default=0, help="stop after N messages")
+    subscribe.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
+    subscribe.set_defaults(run=_subscribe)
+
+    request = command("request", "send a request and print the reply")
+    request.add_argument("topic")
+    request.add_argument("payload")
+    request.add_argument("-H", "--header", action="append", default=[], metavar="KEY=VALUE")
+    request.add_argument("--timeout", type=float, default=30.0)
+    request.set_defaults(run=_request)
+
+    bench = command("bench", "measure throughput and request/response round trips")
+    bench.add_argument("--messages", type=int, default=200_000)
+    bench.add_argument("--requests", type=int, default=20_000)
+    bench.add_argument("--concurrency", type=int, default=50)
+    bench.add_argument("--runs", type=int, default=3, help="report the median of N runs")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return int(asyncio.run(args.run(args)))
+        return 130
+    except (AmbError, ConnectionError, TimeoutError, ValueError) as exc:
+        print(f"amb: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
