@@ -6,7 +6,8 @@ Workloads, each against any broker URL:
   in this process: what an in-process bus could at best do on this machine.
 - ``throughput``: a plain loop of ``await bus.publish(Message(topic, {"i": i}))``; the clock stops
   when one subscriber has received all N.
-- ``request``: ``await bus.request(...)`` round trips, one at a time, then ``concurrency`` in flight.
+- ``request``: ``await bus.request(...)`` round trips, one at a time, then ``concurrency``
+  in flight.
 
 Results are printed as a table; throughput reads as a ratio to the ceiling.
 """
@@ -98,33 +99,32 @@ async def throughput(url: str, count: int, timeout: float = 120.0) -> Result:
 
 async def requests(url: str, count: int, concurrency: int) -> list[Result]:
     topic = f"bench.rpc.{uuid.uuid4().hex[:8]}"
-    async with _new_bus(url) as server:
-        async with _new_bus(url, shared=server) as client:
+    async with _new_bus(url) as server, _new_bus(url, shared=server) as client:
 
-            async def echo(msg: Message) -> object:
-                return msg.payload
+        async def echo(msg: Message) -> object:
+            return msg.payload
 
-            await server.subscribe(topic, echo, max_concurrency=max(concurrency, 1))
-            await client.request(Message(topic=topic, payload={"warm": True}), timeout=10)
+        await server.subscribe(topic, echo, max_concurrency=max(concurrency, 1))
+        await client.request(Message(topic=topic, payload={"warm": True}), timeout=10)
 
-            async def run(n: int) -> None:
-                for i in range(n):
-                    await client.request(Message(topic=topic, payload={"i": i}), timeout=30)
+        async def run(n: int) -> None:
+            for i in range(n):
+                await client.request(Message(topic=topic, payload={"i": i}), timeout=30)
 
-            results = []
-            started = time.perf_counter()
-            await run(count)
-            elapsed = time.perf_counter() - started
-            results.append(Result("request/response, sequential", count, elapsed))
-            per_worker = max(count // concurrency, 1)
-            started = time.perf_counter()
-            await asyncio.gather(*(run(per_worker) for _ in range(concurrency)))
-            results.append(Result(
-                f"request/response, {concurrency} in flight",
-                per_worker * concurrency,
-                time.perf_counter() - started,
-            ))
-            return results
+        results = []
+        started = time.perf_counter()
+        await run(count)
+        elapsed = time.perf_counter() - started
+        results.append(Result("request/response, sequential", count, elapsed))
+        per_worker = max(count // concurrency, 1)
+        started = time.perf_counter()
+        await asyncio.gather(*(run(per_worker) for _ in range(concurrency)))
+        results.append(Result(
+            f"request/response, {concurrency} in flight",
+            per_worker * concurrency,
+            time.perf_counter() - started,
+        ))
+        return results
 
 
 async def median_of(runs: int, make: Callable[[], Awaitable[Result]]) -> Result:

@@ -73,10 +73,8 @@ async def _subscribe(args: argparse.Namespace) -> int:
     async with AgentMessageBus.from_url(args.url) as bus:
         await bus.subscribe(args.pattern, show, consumer_group=args.group)
         print(f"listening on {args.pattern} ({bus.broker!r}); Ctrl-C stops", file=sys.stderr)
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(enough.wait(), args.timeout)
-        except asyncio.TimeoutError:
-            pass
     return 0
 
 
