@@ -431,7 +431,9 @@ class AgentMessageBus:
             "dead-lettering %s from %s to %s after %d attempt(s): %r",
             msg.id, msg.topic, destination, msg.attempt, exc,
         )
-        dead = msg.copy(topic=destination, headers=headers, reply_to=None, position=None)
+        # A fresh delivery on the dead-letter topic: its consumers get their own attempts.
+        dead = msg.copy(topic=destination, headers=headers, reply_to=None, position=None,
+                        attempt=1)
         try:
             await self.publish(dead)
         except Exception:
