@@ -169,7 +169,7 @@ class MemoryBroker(Broker):
     )
     in_process = True
 
-    def __init__(self, *, buffer_size: int = 1024, log_size: int = 10_000) -> None:
+    def __init__(self, *, buffer_size: int = 128, log_size: int = 10_000) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.buffer_size = buffer_size
