@@ -31,11 +31,12 @@ if hasattr(os, "register_at_fork"):
 
 
 def new_id() -> str:
-    """A unique 32-hex-digit id: 64 random bits per process, then a counter.
+    """A unique id: 64 random bits per process (16 hex digits), then a counter in hex.
 
-    Cheaper than uuid4 (a hot-path cost on every publish) and just as unique in practice.
+    Cheaper than uuid4 (a hot-path cost on every publish) and just as unique in practice; the
+    counter is not zero-padded because padding triples the cost of the formatting.
     """
-    return f"{_id_prefix}{next(_id_counter):016x}"
+    return f"{_id_prefix}{next(_id_counter):x}"
 
 
 def _now() -> float:
