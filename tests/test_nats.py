@@ -1,0 +1,405 @@
+"""NATS-specific behaviour beyond the contract suite, against real nats-server instances."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from typing import Any
+
+import pytest
+from tests.conftest import require_server
+from tests.test_contract_nats import HOST, PORT, URL, PrivateNATS, free_port, private_nats
+
+from amb_core import AgentMessageBus, Message, RetryPolicy
+from amb_core.adapters import broker_from_url
+from amb_core.adapters.nats import NATSBroker
+from amb_core.errors import BrokerConnectionError, NoResponders, RequestTimeout
+from amb_core.retry import ATTEMPTS, ORIGINAL_TOPIC
+from amb_core.testing.contract import Collector
+
+__all__ = ["private_nats"]  # the fixture, re-exported for pytest
+
+WAIT = 10.0
+
+
+def js_broker(url: str = URL, **options: Any) -> NATSBroker:
+    options.setdefault("stream_max_age", 3600.0)
+    return NATSBroker(servers=[url], use_jetstream=True, **options)
+
+
+@pytest.fixture
+def topic() -> str:
+    require_server("nats", HOST, PORT)
+    return f"nt.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def core_topic() -> str:
+    """A topic no stream captures (JetStream tests make one for ``nt``)."""
+    require_server("nats", HOST, PORT)
+    return f"ntcore.{uuid.uuid4().hex[:12]}"
+
+
+async def stream_messages(broker: NATSBroker, topic: str) -> list[Any]:
+    import nats
+
+    nc = await nats.connect(URL)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(await broker._stream_for(topic), subjects_filter=topic)
+        return [info.state.subjects.get(topic, 0) if info.state.subjects else 0]
+    finally:
+        await nc.close()
+
+
+# --- construction, URLs, credentials ---------------------------------------------------------
+
+
+def test_from_url_options_and_masking() -> None:
+    broker = broker_from_url(
+        "nats://alice:s3cret@127.0.0.1:4222?jetstream=true&ack_wait=7.5&pull_batch=8"
+        "&stream=ORDERS&group_start=all"
+    )
+    assert isinstance(broker, NATSBroker)
+    assert broker.use_jetstream and broker.capabilities.persistent
+    assert broker.ack_wait == 7.5 and broker.pull_batch == 8 and broker.stream == "ORDERS"
+    assert broker.group_start == "all"
+    assert "s3cret" not in repr(broker) and "alice" in repr(broker)
+    core = NATSBroker.from_url("nats://h1:4222,h2:4222")
+    assert core.servers == ["nats://h1:4222", "nats://h2:4222"]
+    assert not core.capabilities.persistent and core.capabilities.native_request_reply
+    with pytest.raises(ValueError, match="unknown NATS URL parameter"):
+        NATSBroker.from_url("nats://h:4222?jetstrem=true")
+
+
+def test_credentials_never_in_repr() -> None:
+    broker = NATSBroker(user="u", password="hunter2", token="tok-123", use_jetstream=True)
+    assert "hunter2" not in repr(broker) and "tok-123" not in repr(broker)
+    assert "hunter2" not in str(vars(broker).get("servers"))
+
+
+async def test_connect_refused_fails_fast() -> None:
+    broker = NATSBroker(servers=[f"nats://127.0.0.1:{free_port()}"], connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
+        await broker.connect()
+    assert time.monotonic() - started < 3.0
+
+
+async def test_user_password_pass_through_and_not_logged(
+    caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    server = PrivateNATS()
+    server.extra_args = ["--user", "agent", "--pass", "pa55-word"]
+    server.start()
+    try:
+        caplog.set_level(logging.DEBUG)
+        good = NATSBroker(servers=[server.url], user="agent", password="pa55-word")
+        async with AgentMessageBus(broker=good) as bus:
+            got = Collector()
+            await bus.subscribe("auth.check", got)
+            await bus.publish(Message(topic="auth.check", payload="ok"))
+            await got.wait_count(1, WAIT)
+        bad = NATSBroker(servers=[server.url], user="agent", password="wrong-pa55",
+                         connect_timeout=1.5)
+        with pytest.raises(BrokerConnectionError) as failure:
+            await bad.connect()
+        assert "wrong-pa55" not in str(failure.value)
+        url_broker = NATSBroker.from_url(f"nats://agent:pa55-word@127.0.0.1:{server.port}")
+        await url_broker.connect()
+        await url_broker.close()
+        assert "pa55-word" not in repr(url_broker)
+        assert "pa55-word" not in caplog.text and "wrong-pa55" not in caplog.text
+    finally:
+        server.cleanup()
+
+
+# --- request / reply -------------------------------------------------------------------------
+
+
+async def test_request_nobody_serves_fails_fast(core_topic: str) -> None:
+    topic = core_topic
+    async with AgentMessageBus(broker=NATSBroker(servers=[URL])) as bus:
+        started = time.monotonic()
+        with pytest.raises(NoResponders):
+            await bus.request(Message(topic=f"{topic}.nobody", payload=1), timeout=5.0)
+        assert time.monotonic() - started < 1.0
+        assert issubclass(NoResponders, RequestTimeout)
+
+
+async def test_foreign_requester_gets_reply(core_topic: str) -> None:
+    topic = core_topic
+    import nats
+
+    async with AgentMessageBus(broker=NATSBroker(servers=[URL])) as bus:
+        await bus.subscribe(topic, lambda msg: msg.payload.upper())  # foreign: raw bytes
+        nc = await nats.connect(URL)
+        try:
+            reply = await nc.request(topic, b'"hi"', timeout=WAIT)
+        finally:
+            await nc.close()
+        assert reply.data == b'"HI"'
+        assert reply.headers is not None and reply.headers["ce-specversion"] == "1.0"
+
+
+async def test_request_served_by_jetstream_group(topic: str) -> None:
+    async with AgentMessageBus(broker=js_broker()) as server, \
+            AgentMessageBus(broker=js_broker()) as client:
+        await server.subscribe(topic, lambda msg: msg.payload * 2, consumer_group="rpc")
+        reply = await client.request(Message(topic=topic, payload=21), timeout=WAIT)
+        assert reply.payload == 42
+
+
+# --- JetStream groups: retries, dead letters, in-progress, crash ------------------------------
+
+
+async def test_retry_is_a_delayed_nak_counted_by_jetstream(topic: str) -> None:
+    attempts: list[tuple[int, float]] = []
+    done = asyncio.Event()
+
+    async def flaky(msg: Message) -> None:
+        attempts.append((msg.attempt, time.monotonic()))
+        if len(attempts) < 3:
+            raise RuntimeError("transient")
+        done.set()
+
+    async with AgentMessageBus(broker=js_broker()) as bus:
+        sub = await bus.subscribe(topic, flaky, consumer_group="retry", retry=RetryPolicy(
+            max_attempts=5, initial_delay=0.4, backoff=1.0, jitter=0.0))
+        await bus.publish(Message(topic=topic, payload="work"))
+        await asyncio.wait_for(done.wait(), WAIT)
+        assert [a for a, _ in attempts] == [1, 2, 3]  # JetStream's num_delivered
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
+        assert all(gap >= 0.35 for gap in gaps), gaps  # the nak's delay, kept by the server
+        assert sub._broker_sub is not None
+        assert not sub._broker_sub._held  # type: ignore[attr-defined]
+
+
+async def test_dead_letter_then_acked_not_redelivered(topic: str) -> None:
+    calls: list[int] = []
+    dead = Collector()
+
+    async def poison(msg: Message) -> None:
+        calls.append(msg.attempt)
+        raise ValueError("never")
+
+    broker = js_broker(ack_wait=1.0)
+    async with AgentMessageBus(broker=broker) as bus:
+        await bus.subscribe(f"{topic}.dlq", dead, consumer_group="dlq-readers")
+        await bus.subscribe(topic, poison, consumer_group="g", dead_letter_topic=f"{topic}.dlq",
+                            retry=RetryPolicy(max_attempts=2, initial_delay=0.05))
+        await bus.publish(Message(topic=topic, payload="p"))
+        await dead.wait_count(1, WAIT)
+        assert dead.messages[0].headers[ATTEMPTS] == "2"
+        assert dead.messages[0].headers[ORIGINAL_TOPIC] == topic
+        await asyncio.sleep(2.5)  # more than 2 x ack_wait: an unacked message would be back
+        assert calls == [1, 2]
+        import nats
+
+        nc = await nats.connect(URL)
+        try:
+            js = nc.jetstream()
+            stream = await broker._stream_for(topic)
+            info = await js.consumer_info(stream, broker._consumer_name("g", topic))
+            assert info.num_ack_pending == 0 and info.num_pending == 0
+        finally:
+            await nc.close()
+
+
+async def test_long_handler_kept_alive_with_in_progress_acks(topic: str) -> None:
+    first_calls: list[str] = []
+    other = Collector()
+    started, done = asyncio.Event(), asyncio.Event()
+
+    async def slow(msg: Message) -> None:
+        first_calls.append(msg.payload)
+        started.set()
+        await asyncio.sleep(3.0)  # three times ack_wait
+        done.set()
+
+    async with AgentMessageBus(broker=js_broker(ack_wait=1.0)) as a, \
+            AgentMessageBus(broker=js_broker(ack_wait=1.0)) as b:
+        await a.subscribe(topic, slow, consumer_group="long")
+        await a.publish(Message(topic=topic, payload="job"))
+        await asyncio.wait_for(started.wait(), WAIT)
+        await b.subscribe(topic, other, consumer_group="long")
+        await asyncio.wait_for(done.wait(), WAIT)
+        await asyncio.sleep(1.5)
+        assert first_calls == ["job"]
+        assert other.messages == [], "the running message was redelivered to another member"
+
+
+CRASHING_MEMBER = textwrap.dedent("""
+    import asyncio, sys
+    from amb_core import AgentMessageBus
+    from amb_core.adapters.nats import NATSBroker
+
+    async def main():
+        bus = AgentMessageBus(broker=NATSBroker(servers=[sys.argv[1]], use_jetstream=True,
+                                                ack_wait=float(sys.argv[3])))
+        await bus.connect()
+        async def hang(msg):
+            print("got", msg.payload, flush=True)
+            await asyncio.Event().wait()
+        await bus.subscribe(sys.argv[2], hang, consumer_group="crash")
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+""")
+
+
+async def test_killed_member_message_redelivered_after_ack_wait(topic: str) -> None:
+    ack_wait = 2.0
+    member = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_MEMBER, URL, topic, str(ack_wait),
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert member.stdout is not None
+        line = await asyncio.wait_for(member.stdout.readline(), WAIT)
+        assert line.strip() == b"ready"
+        async with AgentMessageBus(broker=js_broker(ack_wait=ack_wait)) as bus:
+            await bus.publish(Message(topic=topic, payload="survive"))
+            line = await asyncio.wait_for(member.stdout.readline(), WAIT)
+            assert line.strip() == b"got survive"
+            member.send_signal(signal.SIGKILL)  # no ack, no nak, no goodbye
+            await asyncio.wait_for(member.wait(), 5)
+            killed_at = time.monotonic()
+            survivor = Collector()
+            await bus.subscribe(topic, survivor, consumer_group="crash")
+            await survivor.wait_count(1, ack_wait + WAIT)
+            assert survivor.payloads == ["survive"]
+            assert survivor.messages[0].attempt == 2  # JetStream counted the lost delivery
+            assert time.monotonic() - killed_at < ack_wait + 3.0
+    finally:
+        if member.returncode is None:
+            member.kill()
+            await member.wait()
+
+
+async def test_unsubscribed_member_leaves_nothing_behind(topic: str) -> None:
+    """A member that leaves naks what it held; a long ack_wait must not delay the next one."""
+    broker_options = {"ack_wait": 60.0}
+    async with AgentMessageBus(broker=js_broker(**broker_options)) as first:
+        sub = await first.subscribe(topic, Collector(), consumer_group="handover")
+        await sub.unsubscribe()
+        for i in range(20):
+            await first.publish(Message(topic=topic, payload=i))
+    async with AgentMessageBus(broker=js_broker(**broker_options)) as second:
+        late = Collector()
+        await second.subscribe(topic, late, consumer_group="handover")
+        await late.wait_for(lambda: set(late.payloads) == set(range(20)), 3.0)
+
+
+# --- JetStream publish: ack, dedup, pipelining, window ----------------------------------------
+
+
+async def test_publish_dedup_by_message_id(topic: str) -> None:
+    async with AgentMessageBus(broker=js_broker()) as bus:
+        msg = Message(topic=topic, payload="once")
+        await bus.publish(msg)
+        await bus.publish(msg)  # a retry of the same message: stored once
+        await bus.publish(msg.copy(topic=f"{topic}.other"))  # same id elsewhere: stored
+        assert [m.payload async for m in bus.replay(topic)] == ["once"]
+        assert [m.payload async for m in bus.replay(f"{topic}.other")] == ["once"]
+
+
+async def test_concurrent_publishes_pipeline_their_acks(topic: str) -> None:
+    broker = js_broker()
+    peak = 0
+    async with AgentMessageBus(broker=broker) as bus:
+        await bus.publish(Message(topic=topic, payload=-1))  # stream ready
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, len(broker._acks))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.gather(*(bus.publish(Message(topic=topic, payload=i))
+                               for i in range(500)))
+        watcher.cancel()
+        assert peak > 50, f"at most {peak} acks were outstanding at once: not pipelined"
+        stored = [m.payload async for m in bus.replay(topic)]
+        assert sorted(stored) == list(range(-1, 500))
+
+
+async def test_max_pending_acks_window(topic: str) -> None:
+    broker = js_broker(max_pending_acks=100)
+    async with AgentMessageBus(broker=broker) as bus:
+        for i in range(1000):
+            await bus.publish(Message(topic=topic, payload=i))
+        await broker.flush()
+        assert not broker._acks
+        assert [m.payload async for m in bus.replay(topic)] == list(range(1000))
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+async def test_replay_patterns_and_empty(topic: str) -> None:
+    async with AgentMessageBus(broker=js_broker()) as bus:
+        started = time.monotonic()
+        assert [m async for m in bus.replay(f"{topic}.empty")] == []
+        assert time.monotonic() - started < 2.0
+        for name in ("a", "b", "a"):
+            await bus.publish(Message(topic=f"{topic}.{name}.x", payload=name))
+        assert [m.payload async for m in bus.replay(f"{topic}.*.x")] == ["a", "b", "a"]
+        assert [m.payload async for m in bus.replay(f"{topic}.a.>")] == ["a", "a"]
+        positions = [m.position async for m in bus.replay(f"{topic}.>")]
+        assert positions == sorted(positions) and len(set(positions)) == 3
+
+
+async def test_core_mode_has_no_replay(core_topic: str) -> None:
+    topic = core_topic
+    from amb_core.errors import UnsupportedFeature
+
+    async with AgentMessageBus(broker=NATSBroker(servers=[URL])) as bus:
+        with pytest.raises(UnsupportedFeature):
+            [m async for m in bus.replay(topic)]
+
+
+# --- reconnect: JetStream loses nothing --------------------------------------------------------
+
+
+async def test_jetstream_restart_mid_stream_loses_nothing(private_nats: PrivateNATS) -> None:
+    topic = f"rc.{uuid.uuid4().hex[:8]}"
+    got = Collector()
+    release = asyncio.Event()
+
+    async def slowish(msg: Message) -> None:
+        await got(msg)
+        if len(got.messages) == 50:
+            await release.wait()  # hold here while the server restarts
+
+    broker = js_broker(private_nats.url, ack_wait=2.0, reconnect_time_wait=0.2)
+    async with AgentMessageBus(broker=broker) as bus:
+        await bus.subscribe(topic, slowish, consumer_group="keep")
+        for i in range(200):
+            await bus.publish(Message(topic=topic, payload=i))
+        await got.wait_count(50, WAIT)
+        await private_nats.restart()
+        release.set()
+        deadline = time.monotonic() + 3 * WAIT
+        sent_after = []
+        i = 200
+        while len(sent_after) < 50:
+            try:
+                await bus.publish(Message(topic=topic, payload=i))
+                sent_after.append(i)
+                i += 1
+            except (ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "publishing never resumed"
+                await asyncio.sleep(0.2)
+        expected = set(range(200)) | set(sent_after)
+        await got.wait_for(lambda: set(got.payloads) >= expected, 3 * WAIT)
