@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -102,26 +103,32 @@ def _decode_data(body: bytes, content_type: str | None) -> Any:
 # --- binary mode -------------------------------------------------------------------------------
 
 
-def encode_binary(
-    msg: Message, *, prefix: str = "ce-"
-) -> tuple[bytes, dict[str, str]]:
+@lru_cache(maxsize=16)
+def _names(prefix: str) -> tuple[str, ...]:
+    """The binary-mode header names for one prefix, built once (this is the hot path)."""
+    return tuple(prefix + name for name in _ATTRIBUTES)
+
+
+def encode_binary(msg: Message, *, prefix: str = "ce-") -> tuple[bytes, dict[str, str]]:
     """Message -> (body, headers) with the CloudEvents attributes as ``prefix``-named headers."""
     body, content_type = encode_data(msg.payload)
-    headers = dict(msg.headers)
-    headers[prefix + "specversion"] = "1.0"
-    headers[prefix + "id"] = msg.id
-    headers[prefix + "source"] = msg.source
-    headers[prefix + "type"] = msg.type
-    headers[prefix + "time"] = format_time(msg.timestamp)
+    (specversion, id_, source, type_, time_, correlationid, causationid, replyto,
+     attempt) = _names(prefix)
+    headers = dict(msg.headers) if msg.headers else {}
+    headers[specversion] = "1.0"
+    headers[id_] = msg.id
+    headers[source] = msg.source
+    headers[type_] = msg.type
+    headers[time_] = format_time(msg.timestamp)
     headers[CONTENT_TYPE] = content_type
     if msg.correlation_id is not None:
-        headers[prefix + "correlationid"] = msg.correlation_id
+        headers[correlationid] = msg.correlation_id
     if msg.causation_id is not None:
-        headers[prefix + "causationid"] = msg.causation_id
+        headers[causationid] = msg.causation_id
     if msg.reply_to is not None:
-        headers[prefix + "ambreplyto"] = msg.reply_to
+        headers[replyto] = msg.reply_to
     if msg.attempt != 1:
-        headers[prefix + "ambattempt"] = str(msg.attempt)
+        headers[attempt] = str(msg.attempt)
     return body, headers
 
 
@@ -129,27 +136,31 @@ def decode_binary(
     body: bytes, headers: dict[str, str], *, topic: str, prefix: str = "ce-"
 ) -> Message:
     """(body, headers) -> Message. Foreign input (no ``specversion``) comes back raw."""
-    if prefix + "specversion" not in headers:
+    names = _names(prefix)
+    if names[0] not in headers:
         return Message(topic=topic, payload=bytes(body), headers=dict(headers))
+    (_, id_, source, type_, time_, correlationid, causationid, replyto, attempt) = names
+    get = headers.get
     try:
-        msg_id = headers[prefix + "id"]
-        timestamp = headers.get(prefix + "time")
+        msg_id = headers[id_]
+        timestamp = get(time_)
+        attempts = get(attempt)
         user_headers = {
             key: value for key, value in headers.items()
-            if not key.startswith(prefix) and key != CONTENT_TYPE
+            if key != CONTENT_TYPE and not key.startswith(prefix)
         }
         return Message(
-            topic=topic,
-            payload=_decode_data(body, headers.get(CONTENT_TYPE)),
-            headers=user_headers,
-            correlation_id=headers.get(prefix + "correlationid"),
-            reply_to=headers.get(prefix + "ambreplyto"),
-            id=msg_id,
-            timestamp=parse_time(timestamp) if timestamp else 0.0,
-            causation_id=headers.get(prefix + "causationid"),
-            attempt=int(headers.get(prefix + "ambattempt", 1)),
-            source=headers.get(prefix + "source", "amb-core"),
-            type=headers.get(prefix + "type", "amb.message"),
+            topic,
+            _decode_data(body, get(CONTENT_TYPE)),
+            user_headers,
+            get(correlationid),
+            get(replyto),
+            msg_id,
+            parse_time(timestamp) if timestamp else 0.0,
+            get(causationid),
+            1 if attempts is None else int(attempts),
+            get(source, "amb-core"),
+            get(type_, "amb.message"),
         )
     except DecodeError:
         raise
