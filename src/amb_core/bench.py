@@ -25,6 +25,7 @@ import orjson
 
 from amb_core.adapters import broker_from_url
 from amb_core.adapters.memory import MemoryBroker
+from amb_core.broker import mask_url
 from amb_core.bus import AgentMessageBus
 from amb_core.message import Message
 
@@ -136,7 +137,7 @@ async def median_of(runs: int, make: Callable[[], Awaitable[Result]]) -> Result:
 
 def format_table(url: str, rows: list[Result], ceiling_rate: float | None) -> str:
     lines = [
-        f"broker: {url}",
+        f"broker: {mask_url(url)}",
         f"{'workload':<44} {'count':>9} {'seconds':>9} {'per second':>12} {'vs ceiling':>11}",
     ]
     for row in rows:

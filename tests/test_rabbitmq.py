@@ -1,0 +1,328 @@
+"""RabbitMQ-specific behaviour beyond the contract suite (real broker on 127.0.0.1:5672)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from amb_core import AgentMessageBus, Message
+from amb_core.adapters import RabbitMQBroker, broker_from_url
+from amb_core.adapters.rabbitmq import binding_key
+from amb_core.errors import BrokerConnectionError, NoResponders, UnsupportedFeature
+from conftest import require_server
+from test_contract_rabbitmq import EXCHANGE, HOST, PORT, URL, test_broker
+
+
+@pytest.fixture
+async def bus() -> Any:
+    require_server("rabbitmq", HOST, PORT)
+    bus = AgentMessageBus(broker=test_broker())
+    await bus.connect()
+    yield bus
+    await bus.close(timeout=2.0)
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"rt.{uuid.uuid4().hex[:12]}"
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                            timeout=30, check=True)
+    return result.stdout
+
+
+# --- no I/O --------------------------------------------------------------------------------------
+
+
+def test_binding_keys_map_one_or_more_to_star_hash() -> None:
+    assert binding_key("a.b") == "a.b"
+    assert binding_key("a.*.c") == "a.*.c"
+    assert binding_key("a.>") == "a.*.#"
+    assert binding_key(">") == "*.#"
+    assert binding_key("a.*.>") == "a.*.*.#"
+    with pytest.raises(ValueError, match="'#'"):
+        binding_key("a.#")
+
+
+def test_from_url_options_and_masked_repr() -> None:
+    broker = broker_from_url(
+        "amqps://agent:s3cret@rabbit:5671/prod?exchange=events&queue_type=classic&confirms=0"
+        "&heartbeat=30"
+    )
+    assert isinstance(broker, RabbitMQBroker)
+    assert (broker.exchange, broker.queue_type, broker.confirms) == ("events", "classic", False)
+    assert broker.url == "amqps://agent:s3cret@rabbit:5671/prod?heartbeat=30"
+    assert "s3cret" not in repr(broker)
+    assert RabbitMQBroker().confirms is True and RabbitMQBroker().queue_type == "quorum"
+    with pytest.raises(ValueError):
+        RabbitMQBroker(queue_type="stream")
+    with pytest.raises(ValueError):
+        RabbitMQBroker(queue_type="classic", delivery_limit=3)
+
+
+def test_group_queue_names_fit_amqp_limits() -> None:
+    broker = RabbitMQBroker()
+    assert broker.group_queue_name("workers", "orders.*") == "amb:workers:orders.*"
+    long_name = broker.group_queue_name("g" * 200, "é." * 120 + "x")
+    assert len(long_name.encode()) <= 255
+    assert long_name != broker.group_queue_name("g" * 200, "é." * 120 + "y")
+
+
+async def test_connect_refused_is_a_connection_error_within_the_timeout() -> None:
+    broker = RabbitMQBroker(url="amqp://guest:s3cret@127.0.0.1:1/", connect_timeout=2.0)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError) as info:
+        await AgentMessageBus(broker=broker).connect()
+    assert time.monotonic() - started < 4.0
+    assert isinstance(info.value, ConnectionError)
+    assert "s3cret" not in str(info.value)
+
+
+# --- real broker ---------------------------------------------------------------------------------
+
+
+async def test_rabbitmq_version_is_what_the_docs_say() -> None:
+    require_server("rabbitmq", HOST, PORT)
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        version = connection.server_properties["version"]
+    finally:
+        await connection.close()
+    assert str(version).startswith("3.")
+
+
+async def test_tail_wildcard_needs_at_least_one_segment(bus: AgentMessageBus, topic: str) -> None:
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def collect(msg: Message) -> None:
+        got.append(msg.topic)
+        if msg.payload == "last":
+            done.set()
+
+    await bus.subscribe(f"{topic}.>", collect)
+    for suffix in ("", ".a", ".a.b.c"):
+        await bus.publish(Message(topic=topic + suffix, payload=suffix))
+    await bus.publish(Message(topic=f"{topic}.z", payload="last"))
+    await asyncio.wait_for(done.wait(), 10)
+    assert got == [f"{topic}.a", f"{topic}.a.b.c", f"{topic}.z"]
+
+
+async def test_wire_format_is_the_cloudevents_amqp_binding(
+    bus: AgentMessageBus, topic: str
+) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        queue = (await channel.queue_declare("", exclusive=True)).queue
+        await channel.queue_bind(queue, EXCHANGE, routing_key=topic)
+        received: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await channel.basic_consume(queue, received.set_result, no_ack=True)
+        sent = Message(topic=topic, payload={"a": 1}, headers={"x-app": "t"}, correlation_id="c1")
+        await bus.publish(sent)
+        raw = await asyncio.wait_for(received, 10)
+    finally:
+        await connection.close()
+    properties = raw.header.properties
+    assert raw.body == b'{"a":1}'
+    assert properties.content_type == "application/json"
+    assert properties.delivery_mode == 2
+    assert properties.message_id == sent.id
+    headers = properties.headers
+    assert headers["cloudEvents:specversion"] == "1.0"
+    assert headers["cloudEvents:id"] == sent.id
+    assert headers["cloudEvents:correlationid"] == "c1"
+    assert headers["x-app"] == "t"
+    assert "content-type" not in headers
+
+
+async def test_group_queue_is_quorum_with_prefetch_of_max_concurrency(
+    bus: AgentMessageBus, topic: str
+) -> None:
+    await bus.subscribe(topic, lambda msg: None, consumer_group="pf", max_concurrency=7)
+    queue = bus.broker.group_queue_name("pf", topic)  # type: ignore[attr-defined]
+    queues = rabbitmqctl("list_queues", "name", "type", "durable")
+    assert any(line.split() == [queue, "quorum", "true"] for line in queues.splitlines())
+    consumers = rabbitmqctl("list_consumers", "queue_name", "prefetch_count")
+    assert [queue, "7"] in [line.split() for line in consumers.splitlines()]
+
+
+async def test_classic_group_queue_option(topic: str) -> None:
+    require_server("rabbitmq", HOST, PORT)
+    async with AgentMessageBus(broker=test_broker(queue_type="classic")) as bus:
+        got: list[Any] = []
+        done = asyncio.Event()
+
+        async def handle(msg: Message) -> None:
+            got.append(msg.payload)
+            if len(got) == 5:
+                done.set()
+
+        await bus.subscribe(topic, handle, consumer_group="classic")
+        for i in range(5):
+            await bus.publish(Message(topic=topic, payload=i))
+        await asyncio.wait_for(done.wait(), 10)
+        queue = bus.broker.group_queue_name("classic", topic)  # type: ignore[attr-defined]
+        queues = rabbitmqctl("list_queues", "name", "type")
+        assert [queue, "classic"] in [line.split() for line in queues.splitlines()]
+    assert got == [0, 1, 2, 3, 4]
+
+
+async def test_crash_redelivery_counts_attempts_from_x_delivery_count(topic: str) -> None:
+    require_server("rabbitmq", HOST, PORT)
+    doomed = AgentMessageBus(broker=test_broker())
+    await doomed.connect()
+    started = asyncio.Event()
+
+    async def hang(msg: Message) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await doomed.subscribe(topic, hang, consumer_group="crash")
+    await doomed.publish(Message(topic=topic, payload="x"))
+    await asyncio.wait_for(started.wait(), 10)
+    await doomed.close(timeout=0)
+    attempts: list[int] = []
+    arrived = asyncio.Event()
+
+    async def survive(msg: Message) -> None:
+        attempts.append(msg.attempt)
+        arrived.set()
+
+    async with AgentMessageBus(broker=test_broker()) as survivor:
+        await survivor.subscribe(topic, survive, consumer_group="crash")
+        await asyncio.wait_for(arrived.wait(), 10)
+    assert attempts == [2]
+
+
+async def test_concurrent_publishes_share_confirm_waits(bus: AgentMessageBus, topic: str) -> None:
+    broker = bus.broker
+    assert isinstance(broker, RabbitMQBroker) and broker.confirms
+    channel = broker._publish_channel
+    assert channel is not None
+    peak = 0
+
+    async def publish(i: int) -> None:
+        nonlocal peak
+        task = asyncio.ensure_future(bus.publish(Message(topic=topic, payload=i)))
+        await asyncio.sleep(0)
+        peak = max(peak, len(channel.confirmations))  # type: ignore[attr-defined]
+        await task
+
+    await asyncio.gather(*(publish(i) for i in range(200)))
+    assert peak > 10, f"publishes waited for each other's confirms (at most {peak} pending)"
+
+
+async def test_requests_run_concurrently_on_one_bus(bus: AgentMessageBus, topic: str) -> None:
+    in_handler = 0
+    everyone_in = asyncio.Event()
+
+    async def barrier(msg: Message) -> Any:
+        nonlocal in_handler
+        in_handler += 1
+        if in_handler == 50:
+            everyone_in.set()
+        await asyncio.wait_for(everyone_in.wait(), 10)  # only if 50 requests are in flight
+        return msg.payload * 2
+
+    async with AgentMessageBus(broker=test_broker()) as server:
+        await server.subscribe(topic, barrier, max_concurrency=50)
+        replies = await asyncio.gather(
+            *(bus.request(Message(topic=topic, payload=i), timeout=15) for i in range(50))
+        )
+    assert sorted(r.payload for r in replies) == [2 * i for i in range(50)]
+
+
+async def test_request_to_nobody_fails_fast(bus: AgentMessageBus, topic: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(NoResponders):
+        await bus.request(Message(topic=f"{topic}.unbound", payload=1), timeout=10)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_foreign_amqp_rpc_client_gets_its_correlation_id(
+    bus: AgentMessageBus, topic: str
+) -> None:
+    import aiormq
+    from pamqp import commands as spec
+
+    async def double(msg: Message) -> Any:
+        assert isinstance(msg.payload, bytes)  # a foreign message: the raw body
+        return {"twice": int(msg.payload) * 2}
+
+    await bus.subscribe(topic, double)
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        reply_queue = (await channel.queue_declare("", exclusive=True)).queue
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await channel.basic_consume(reply_queue, reply.set_result, no_ack=True)
+        await channel.basic_publish(
+            b"21", exchange=EXCHANGE, routing_key=topic,
+            properties=spec.Basic.Properties(reply_to=reply_queue, correlation_id="mine-7",
+                                             content_type="application/json"),
+        )
+        answer = await asyncio.wait_for(reply, 10)
+    finally:
+        await connection.close()
+    assert answer.header.properties.correlation_id == "mine-7"
+    assert answer.body == b'{"twice":42}'
+
+
+async def test_replay_is_unsupported(bus: AgentMessageBus, topic: str) -> None:
+    with pytest.raises(UnsupportedFeature):
+        async for _ in bus.replay(topic):
+            pass
+
+
+async def test_delivery_limit_dead_letters_through_the_exchange(topic: str) -> None:
+    """A message whose consumers keep dying (no exception the bus could catch) is dead-lettered
+    by the quorum queue's delivery limit, through the exchange to the default dead-letter topic."""
+    require_server("rabbitmq", HOST, PORT)
+    broker = test_broker(delivery_limit=1)
+    queue = broker.group_queue_name("lim", topic)
+    async with AgentMessageBus(broker=broker) as bus:
+        dead: list[Message] = []
+        arrived = asyncio.Event()
+
+        async def collect(msg: Message) -> None:
+            if msg.headers.get("x-first-death-queue") == queue:
+                dead.append(msg)
+                arrived.set()
+
+        await bus.subscribe(broker.default_dead_letter_topic, collect)
+        crashes = 0
+        for _ in range(4):
+            crasher = AgentMessageBus(broker=test_broker(delivery_limit=1))
+            await crasher.connect()
+            started = asyncio.Event()
+
+            async def hang(msg: Message, started: asyncio.Event = started) -> None:
+                started.set()
+                await asyncio.Event().wait()
+
+            await crasher.subscribe(topic, hang, consumer_group="lim")
+            if crashes == 0:
+                await bus.publish(Message(topic=topic, payload="crashy"))
+            try:
+                await asyncio.wait_for(started.wait(), 3)
+            except asyncio.TimeoutError:
+                await crasher.close()
+                break
+            crashes += 1
+            await crasher.close(timeout=0)  # dies holding the message
+        await asyncio.wait_for(arrived.wait(), 10)
+    assert crashes == 2  # the first delivery and one redelivery; then the limit of 1 hit
+    assert dead[0].payload == "crashy"
+    assert dead[0].headers["x-first-death-reason"] == "delivery_limit"
