@@ -9,12 +9,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amb_core import envelope
 from amb_core.broker import Broker, BrokerSubscription, Delivery
 from amb_core.errors import DecodeError, NotConnected, RequestTimeout, UnsupportedFeature
 from amb_core.message import Message, new_id
+from amb_core.observability._bus import observer_for
 from amb_core.retry import (
     ATTEMPTS,
     ERROR_MESSAGE,
@@ -24,6 +25,9 @@ from amb_core.retry import (
     RetryPolicy,
 )
 from amb_core.topics import validate_pattern, validate_topic
+
+if TYPE_CHECKING:
+    from amb_core.observability._bus import BusObserver, Probe
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class Subscription:
         self._idle = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        # metrics/tracing of this subscription (amb_core.observability); None when off
+        observer = bus._observer
+        self._probe: Probe | None = observer.probe(self) if observer is not None else None
 
     def __repr__(self) -> str:
         group = f" group={self.group!r}" if self.group else ""
@@ -110,6 +117,9 @@ class Subscription:
         if self.max_concurrency == 1:
             self._busy += 1
             try:
+                if self._probe is not None:
+                    await self._probe.process(msg, delivery)
+                    return
                 # bus._process inlined: one coroutine frame less on the hot path.
                 try:
                     result = await self._call(msg)
@@ -132,7 +142,10 @@ class Subscription:
 
     async def _process_in_task(self, msg: Message, delivery: Delivery) -> None:
         try:
-            await self.bus._process(self, msg, delivery)
+            if self._probe is not None:
+                await self._probe.process(msg, delivery)
+            else:
+                await self.bus._process(self, msg, delivery)
         finally:
             self._slots.release()
 
@@ -171,7 +184,10 @@ class AgentMessageBus:
         retry: RetryPolicy | None = None,
         request_timeout: float = 30.0,
         drain_timeout: float = 10.0,
+        observer: bool | None = None,
     ) -> None:
+        """``observer``: built-in metrics and tracing (:mod:`amb_core.observability`). None: on
+        when the ``observability`` extra is installed; False: off, at no cost."""
         if broker is None:
             from amb_core.adapters.memory import MemoryBroker
 
@@ -191,6 +207,7 @@ class AgentMessageBus:
         self._pending: dict[str, asyncio.Future[Message]] = {}
         self._inbox: str | None = None
         self._inbox_lock = asyncio.Lock()
+        self._observer: BusObserver | None = observer_for(self, observer)
 
     @classmethod
     def from_url(cls, url: str, **bus_options: Any) -> AgentMessageBus:
@@ -215,6 +232,8 @@ class AgentMessageBus:
             return
         await self.broker.connect()
         self._connected = True
+        if self._observer is not None:
+            self._observer.refresh()  # picks up a tracer provider set since the bus was made
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop all subscriptions, wait up to ``timeout`` (default ``drain_timeout``) for running
@@ -261,18 +280,27 @@ class AgentMessageBus:
             if len(self._checked_topics) > 10_000:
                 self._checked_topics.clear()
             self._checked_topics.add(topic)
-        if self._local:
-            blocked = self.broker.publish_local(msg)
-            if blocked is not None:
-                await blocked
-            return
-        body, headers = self._encode(msg)
-        if self._max_payload is not None and len(body) > self._max_payload:
-            raise ValueError(
-                f"message body of {len(body)} bytes is over {type(self.broker).__name__}'s "
-                f"limit of {self._max_payload} bytes"
-            )
-        await self.broker.publish(topic, body, headers)
+        obs = self._observer
+        span = obs.publishing(msg) if obs is not None and obs.tracing is not None else None
+        try:
+            if self._local:
+                blocked = self.broker.publish_local(msg)
+                if blocked is not None:
+                    await blocked
+            else:
+                body, headers = self._encode(msg)
+                if self._max_payload is not None and len(body) > self._max_payload:
+                    raise ValueError(
+                        f"message body of {len(body)} bytes is over "
+                        f"{type(self.broker).__name__}'s limit of {self._max_payload} bytes"
+                    )
+                await self.broker.publish(topic, body, headers)
+        except BaseException as exc:
+            if obs is not None and span is not None:
+                obs.failed(span, exc)
+            raise
+        if obs is not None:
+            obs.published(msg, span)
 
     def _encode(self, msg: Message) -> tuple[bytes, dict[str, str]]:
         if self._headers:
@@ -371,18 +399,21 @@ class AgentMessageBus:
     ) -> None:
         """After a failed attempt: retry per the policy, then dead-letter after the last."""
         policy = sub.retry
+        probe = sub._probe
         while msg.attempt < policy.max_attempts:
             delay = policy.delay_before(msg.attempt + 1)
             logger.info(
                 "handler %r failed on %s (attempt %d of %d, retry in %.2fs): %r",
                 sub.handler, msg.id, msg.attempt, policy.max_attempts, delay, exc,
             )
+            if probe is not None:
+                probe.retrying(msg, delay)
             if await self._retry_later(delivery, delay):
                 return  # the broker redelivers it later, with its delivery count
             await asyncio.sleep(delay)
             msg.attempt += 1
             try:
-                result = await sub._call(msg)
+                result = await (sub._call(msg) if probe is None else probe.call(msg))
             except Exception as again:
                 exc = again
                 continue
@@ -442,6 +473,8 @@ class AgentMessageBus:
                 msg.id, destination, exc_info=True,
             )
             return
+        if sub._probe is not None:
+            sub._probe.dead_lettered(msg, destination)
         if not self._local:
             await self._ack(delivery)
 
@@ -472,6 +505,8 @@ class AgentMessageBus:
 
     async def _send_reply(self, request: Message, result: Any) -> None:
         reply = self._reply_message(request, result)
+        obs = self._observer
+        span = obs.publishing(reply, True) if obs is not None and obs.tracing is not None else None
         try:
             if self._local:
                 blocked = self.broker.publish_local(reply)
@@ -480,8 +515,13 @@ class AgentMessageBus:
             else:
                 body, headers = self._encode(reply)
                 await self.broker.send_reply(reply.topic, body, headers)
-        except Exception:
+        except Exception as exc:
+            if obs is not None and span is not None:
+                obs.failed(span, exc)
             logger.error("could not send the reply to %s", request.id, exc_info=True)
+        else:
+            if obs is not None:
+                obs.published(reply, span, True)
 
     async def reply(
         self, request: Message, payload: Any, headers: dict[str, str] | None = None
@@ -502,6 +542,11 @@ class AgentMessageBus:
         validate_topic(msg.topic)
         timeout = self.request_timeout if timeout is None else timeout
         request = msg.copy(correlation_id=msg.correlation_id or msg.id)
+        if self._observer is not None:  # round-trip metrics and a CLIENT span around it all
+            return await self._observer.request(request, timeout, self._request)
+        return await self._request(request, timeout)
+
+    async def _request(self, request: Message, timeout: float) -> Message:
         if self.broker.capabilities.native_request_reply:
             body, headers = self._encode(request)
             delivery = await self.broker.request(request.topic, body, headers, timeout)
