@@ -111,21 +111,28 @@ class Subscription:
             except DecodeError as exc:
                 await bus._dead_letter_malformed(self, delivery, exc)
                 return
-        count = delivery.delivery_count
-        if count is not None and count > msg.attempt:
-            msg.attempt = count
+            count = delivery.delivery_count
+            if count is not None and count > msg.attempt:
+                msg.attempt = count
         if self.max_concurrency == 1:
             self._busy += 1
             try:
-                if self._probe is not None:
-                    await self._probe.process(msg, delivery)
+                probe = self._probe
+                if probe is not None and probe.tracing is not None:
+                    await probe.process(msg, delivery)
                     return
-                # bus._process inlined: one coroutine frame less on the hot path.
+                # bus._process inlined (with the probe's sync hooks): one coroutine frame less
+                # on the hot path.
+                timed = probe.begin(msg) if probe is not None else False
                 try:
                     result = await self._call(msg)
                 except Exception as exc:
+                    if probe is not None:
+                        probe.end(timed, ok=False)
                     await bus._recover(self, msg, delivery, exc)
                 else:
+                    if probe is not None:
+                        probe.end(timed, ok=True)
                     if result is not None and msg.reply_to is not None:
                         await bus._send_reply(msg, result)
                     if not bus._local:

@@ -135,6 +135,18 @@ class _MemorySubscription(BrokerSubscription):
             await self._reader
 
 
+class _LocalDelivery(Delivery):
+    """A delivery of a Message handed over in process: it carries the message and nothing to
+    acknowledge (the bus reads only ``message`` from in-process deliveries)."""
+
+    __slots__ = ()
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.topic = message.topic
+        self.delivery_count = None
+
+
 def _clone(msg: Message, payload: Any) -> Message:
     """A per-subscriber copy, cheaper than dataclasses.replace on the hot path."""
     copy = object.__new__(Message)
@@ -169,7 +181,7 @@ class MemoryBroker(Broker):
     )
     in_process = True
 
-    def __init__(self, *, buffer_size: int = 128, log_size: int = 10_000) -> None:
+    def __init__(self, *, buffer_size: int = 128, log_size: int = 1_000) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.buffer_size = buffer_size
@@ -229,7 +241,7 @@ class MemoryBroker(Broker):
         blocked: list[tuple[_Channel, Delivery]] | None = None
         for target in targets:
             payload = orjson.loads(body) if is_json else body
-            delivery = Delivery(topic, body, {}, message=_clone(msg, payload))
+            delivery = _LocalDelivery(_clone(msg, payload))
             if not target.channel.offer(delivery):
                 if blocked is None:
                     blocked = []
