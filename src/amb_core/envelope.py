@@ -145,10 +145,16 @@ def decode_binary(
         msg_id = headers[id_]
         timestamp = get(time_)
         attempts = get(attempt)
-        user_headers = {
-            key: value for key, value in headers.items()
-            if key != CONTENT_TYPE and not key.startswith(prefix)
-        }
+        # Usually the headers are exactly the envelope's: skip the filtering pass then.
+        envelope_count = 6 + ((correlationid in headers) + (causationid in headers)
+                              + (replyto in headers) + (attempts is not None))
+        if len(headers) == envelope_count and CONTENT_TYPE in headers:
+            user_headers: dict[str, str] = {}
+        else:
+            user_headers = {
+                key: value for key, value in headers.items()
+                if key != CONTENT_TYPE and not key.startswith(prefix)
+            }
         return Message(
             topic,
             _decode_data(body, get(CONTENT_TYPE)),
