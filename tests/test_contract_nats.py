@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 from tests.conftest import require_server
 
-from amb_core.adapters.nats import NATSBroker
+from amb_core.adapters.nats import NATSBroker, flush_in_order
 from amb_core.testing import BrokerContract
 
 HOST, PORT = "127.0.0.1", 4222
@@ -121,7 +121,8 @@ class _NATSContract(BrokerContract):
 
         async def publish(topic: str, body: bytes, headers: dict[str, str]) -> None:
             await nc.publish(topic, body, headers=headers or None)
-            await nc.flush()
+            # At the server before the bus publishes (nc.flush() alone can overtake the PUB).
+            await flush_in_order(nc)
 
         yield publish
         await nc.close()

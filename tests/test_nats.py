@@ -403,3 +403,69 @@ async def test_jetstream_restart_mid_stream_loses_nothing(private_nats: PrivateN
                 await asyncio.sleep(0.2)
         expected = set(range(200)) | set(sent_after)
         await got.wait_for(lambda: set(got.payloads) >= expected, 3 * WAIT)
+
+
+@pytest.mark.parametrize("jetstream", [False, True])
+async def test_subscribe_is_live_at_the_server_when_it_returns(
+    core_topic: str, jetstream: bool
+) -> None:
+    """nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still in
+    the client's pending buffer: a PONG after a SUB that had not been written yet proved
+    nothing, and another connection's publish could reach the server before the SUB (the lost
+    first message of ``test_foreign_and_malformed_input``). The SUB must go out before the PING
+    whose PONG ``subscribe`` waits for."""
+    broker = NATSBroker(servers=[URL], use_jetstream=jetstream)
+    await broker.connect()
+    try:
+        nc = broker._nc
+        assert nc is not None
+        transport = nc._transport
+        assert transport is not None
+        wire: list[bytes] = []
+        write, writelines = transport.write, transport.writelines
+
+        def record(data: bytes) -> None:
+            wire.append(bytes(data))
+            write(data)
+
+        def record_lines(lines: list[bytes]) -> None:
+            wire.extend(bytes(line) for line in lines)
+            writelines(lines)
+
+        transport.write = record  # type: ignore[method-assign]
+        transport.writelines = record_lines  # type: ignore[method-assign]
+        try:
+            async def handler(delivery: Any) -> None:
+                pass
+
+            sub = await broker.subscribe(core_topic, handler)
+        finally:
+            del transport.write, transport.writelines
+        commands = [line.split(b" ", 1)[0].strip() for chunk in wire
+                    for line in chunk.split(b"\r\n") if line]
+        assert b"SUB" in commands and b"PING" in commands, commands
+        last_ping = max(i for i, command in enumerate(commands) if command == b"PING")
+        assert commands.index(b"SUB") < last_ping, (
+            f"subscribe() waited for a PONG to a PING sent before its SUB: {commands}"
+        )
+        await sub.close()
+
+        # And end to end: a foreign publisher's first message right after subscribe() arrives.
+        import nats
+
+        foreign = await nats.connect(URL)
+        try:
+            for i in range(20):
+                got: asyncio.Queue[bytes] = asyncio.Queue()
+
+                async def collect(delivery: Any, got: asyncio.Queue[bytes] = got) -> None:
+                    got.put_nowait(delivery.body)
+
+                sub = await broker.subscribe(f"{core_topic}.{i}", collect)
+                await foreign.publish(f"{core_topic}.{i}", b"first")
+                assert await asyncio.wait_for(got.get(), WAIT) == b"first"
+                await sub.close()
+        finally:
+            await foreign.close()
+    finally:
+        await broker.close()

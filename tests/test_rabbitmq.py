@@ -326,3 +326,96 @@ async def test_delivery_limit_dead_letters_through_the_exchange(topic: str) -> N
     assert crashes == 2  # the first delivery and one redelivery; then the limit of 1 hit
     assert dead[0].payload == "crashy"
     assert dead[0].headers["x-first-death-reason"] == "delivery_limit"
+
+
+# --- acknowledgements (regressions: a bad basic.ack closes the channel and loses the queue) -----
+
+
+def _unacked(queue: str) -> int | None:
+    for line in rabbitmqctl("list_queues", "name", "messages_unacknowledged").splitlines():
+        fields = line.split()
+        if fields[:1] == [queue]:
+            return int(fields[1])
+    return None  # gone: an auto-delete queue loses its consumer when its channel is closed
+
+
+async def _until_unacked(queue: str, count: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := _unacked(queue)) != count:
+        assert time.monotonic() < deadline, f"{queue}: {seen} unacknowledged, expected {count}"
+        await asyncio.sleep(0.1)  # polling the broker's own view, not synchronising with it
+
+
+async def test_out_of_order_acks_never_repeat_a_tag_in_a_multiple_ack(
+    bus: AgentMessageBus, topic: str
+) -> None:
+    """Tag 2 is acked alone (tag 1 still running); then tag 1 completes the run 1..2. Acking
+    that run as ``multiple`` up to tag 2 named an already-acknowledged tag: RabbitMQ closed the
+    channel (PRECONDITION_FAILED - unknown delivery tag 2), the exclusive queue went with it and
+    every later message was lost."""
+    release = asyncio.Event()
+    second_done = asyncio.Event()
+    got: list[Any] = []
+    third = asyncio.Event()
+
+    async def handle(msg: Message) -> None:
+        if msg.payload == 0:
+            await release.wait()
+        got.append(msg.payload)
+        if msg.payload == 1:
+            second_done.set()
+        if msg.payload == 2:
+            third.set()
+
+    sub = await bus.subscribe(topic, handle, max_concurrency=2)
+    assert sub._broker_sub is not None
+    queue = sub._broker_sub.queue  # type: ignore[attr-defined]
+    await bus.publish(Message(topic=topic, payload=0))
+    await bus.publish(Message(topic=topic, payload=1))
+    await asyncio.wait_for(second_done.wait(), 10)
+    await _until_unacked(queue, 1)  # the broker has the ack of message 1 (tag 2) alone
+    release.set()
+    await _until_unacked(queue, 0)
+    await bus.publish(Message(topic=topic, payload=2))
+    await asyncio.wait_for(third.wait(), 10)
+    assert got == [1, 0, 2]
+    await _until_unacked(queue, 0)
+
+
+async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_full(
+    bus: AgentMessageBus,
+) -> None:
+    """aiormq's write queue holds 10 frames; concurrent publishers keep it full. An ack frame
+    that had to wait for room must not be overtaken by the next turn's ack: a ``multiple`` ack
+    of tag 1 arriving after one of tag 2 names an unknown tag and kills the channel."""
+    import aiormq
+    from pamqp import frame as pamqp_frame
+
+    from amb_core.adapters.rabbitmq import _Acker
+
+    broker = bus.broker
+    assert isinstance(broker, RabbitMQBroker) and broker._connection is not None
+    channel = await broker._connection.channel()
+    writer: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # stands in for aiormq's writer
+    channel.write_queue = writer  # type: ignore[misc]
+    try:
+        acker = _Acker(channel, aiormq)
+        writer.put_nowait("filler")  # the writer is behind: no room
+        acker.ack(1)
+        acker._flush()  # tag 1 waits for room
+        assert writer.get_nowait() == "filler"  # the writer catches up: room for one frame
+        acker.ack(2)
+        acker._flush()  # a later turn's ack
+        sent: list[tuple[int, bool]] = []
+        while len(sent) < 2:
+            frame = await asyncio.wait_for(writer.get(), 5)
+            payload = frame.payload
+            while payload:
+                used, _, method = pamqp_frame.unmarshal(payload)
+                payload = payload[used:]
+                assert isinstance(method, aiormq.spec.Basic.Ack)
+                sent.append((method.delivery_tag, method.multiple))
+        assert [tag for tag, _ in sent] == [1, 2], sent
+    finally:
+        channel.write_queue = broker._connection.write_queue  # type: ignore[misc]
+        await channel.close()

@@ -725,7 +725,7 @@ class NATSBroker(Broker):
             pending_msgs_limit=self.pending_msgs_limit,
             pending_bytes_limit=self.pending_bytes_limit,
         )
-        await nc.flush()  # the server has the subscription once its PONG is back
+        await flush_in_order(nc)  # the server has the subscription once its PONG is back
         return _CoreSubscription(sub)
 
     def _consumer_name(self, group: str, pattern: str) -> str:
@@ -872,6 +872,21 @@ class NATSBroker(Broker):
                     await sub.keep_alive(now)
                 except Exception:
                     logger.debug("in-progress acks failed", exc_info=True)
+
+
+async def flush_in_order(nc: Client, timeout: float = 10.0) -> None:
+    """A round trip that follows every command given so far (SUB, PUB, UNSUB).
+
+    ``Client.flush()`` alone is not that: it writes its PING straight to the socket, while
+    commands wait in the client's pending buffer for its flusher task, so the PING can go out
+    first and its PONG proves nothing about them (a SUB not yet processed when ``subscribe()``
+    returned, so another connection's publish right after it was not delivered). Hand the
+    pending buffer to the socket first; the server answers a connection's commands in order.
+    """
+    flush_pending = getattr(nc, "_flush_pending", None)
+    if flush_pending is not None and getattr(nc, "_pending_data_size", 1) > 0:
+        await asyncio.wait_for(flush_pending(force_flush=True), timeout)
+    await nc.flush(timeout=max(int(timeout), 1))
 
 
 def _is_pub_ack(msg: Msg) -> bool:
@@ -1067,4 +1082,4 @@ class _PullSubscription(BrokerSubscription):
                 with contextlib.suppress(Exception):
                     await nc.publish(subject, _NAK)
             with contextlib.suppress(Exception):
-                await nc.flush()
+                await flush_in_order(nc)

@@ -93,16 +93,25 @@ def _header_text(value: Any) -> str:
 
 
 class _Acker:
-    """Acknowledgements of one channel, sent once per event-loop turn.
+    """Acknowledgements of one channel, sent once per event-loop turn, in order.
 
-    The acks of a turn go out as one write: a single ``basic.ack multiple`` when they close a
-    contiguous run of delivery tags (the usual case: one subscription acks in order), else one
-    frame per tag. A multiple ack never covers a tag the bus has not acknowledged, so a message
-    held back (unsubscribing, dying) still returns to the queue. One socket write per turn
-    instead of one per message is most of what the consumer side costs.
+    The acks of a turn go out as one write: a single ``basic.ack multiple`` when every tag of
+    the turn lies in the contiguous run of acknowledged tags (the usual case: one subscription
+    acks in order), else one frame per tag. The multiple ack names the turn's highest tag, so
+    it never names a tag already acknowledged (RabbitMQ closes the channel on an unknown
+    delivery tag) and never covers one the bus has not acknowledged, so a message held back
+    (unsubscribing, dying) still returns to the queue. One socket write per turn instead of one
+    per message is most of what the consumer side costs.
+
+    aiormq's write queue is small (10 frames) and concurrent publishers keep it full: a frame
+    that must wait for room goes to a backlog that one task writes in order, and later frames
+    queue behind it. Writing them directly could overtake it (``asyncio.Queue`` lets
+    ``put_nowait`` take a slot freed for a waiting ``put``): a multiple ack overtaken by a
+    later one names an unknown tag, and the broker closes the channel with its queue.
     """
 
-    __slots__ = ("_acked", "_aiormq", "_channel", "_done", "_scheduled", "_tags")
+    __slots__ = ("_acked", "_aiormq", "_backlog", "_channel", "_done", "_scheduled", "_stopped",
+                 "_tags", "_writer")
 
     def __init__(self, channel: Channel, aiormq: ModuleType) -> None:
         self._channel = channel
@@ -111,8 +120,13 @@ class _Acker:
         self._done: set[int] = set()
         self._acked = 0  # every tag up to this one is acknowledged
         self._scheduled = False
+        self._backlog: deque[Any] = deque()  # frames waiting for room, in order
+        self._writer: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def ack(self, tag: int) -> None:
+        if self._stopped:
+            return
         self._tags.append(tag)
         if not self._scheduled:
             self._scheduled = True
@@ -121,6 +135,8 @@ class _Acker:
     def _flush(self) -> None:
         self._scheduled = False
         tags, self._tags = self._tags, []
+        if not tags:
+            return
         channel = self._channel
         if channel.is_closed:
             logger.debug("dropped %d ack(s) of a closed channel; the broker redelivers", len(tags))
@@ -133,21 +149,47 @@ class _Acker:
             done.discard(acked)
         self._acked = acked
         ack = self._aiormq.spec.Basic.Ack
-        if max(tags) <= acked:
-            frames = [ack(delivery_tag=acked, multiple=True)]
+        top = max(tags)
+        if top <= acked:
+            frames = [ack(delivery_tag=top, multiple=True)]
         else:
             frames = [ack(delivery_tag=tag) for tag in tags]
         frame = self._aiormq.abc.ChannelFrame.marshall(channel_number=channel.number,
                                                        frames=frames)
+        if not self._backlog:
+            try:
+                channel.write_queue.put_nowait(frame)
+                return
+            except asyncio.QueueFull:
+                pass
+        self._backlog.append(frame)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_backlog())
+
+    async def _write_backlog(self) -> None:
+        backlog = self._backlog
+        channel = self._channel
         try:
-            channel.write_queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            task = asyncio.get_running_loop().create_task(channel.write_queue.put(frame))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            while backlog:
+                if channel.is_closed:
+                    logger.debug("dropped %d ack frame(s) of a closed channel", len(backlog))
+                    backlog.clear()
+                    return
+                await channel.write_queue.put(backlog[0])
+                backlog.popleft()
+        finally:
+            self._writer = None
 
-
-_background: set[asyncio.Task[None]] = set()
+    async def close(self) -> None:
+        """Write what is pending, then take no more acks: called before the channel is closed,
+        since a frame after ``channel.close`` on the channel is a connection error. A message
+        acknowledged later stays unacknowledged and goes back to the queue."""
+        if self._scheduled:
+            self._flush()
+        self._stopped = True
+        writer = self._writer
+        if writer is not None:
+            await writer
 
 
 class _AmqpDelivery(Delivery):
@@ -234,6 +276,7 @@ class _Subscription(BrokerSubscription):
         self._buffer: deque[tuple[DeliveredMessage, _Acker]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._channel: Channel | None = None
+        self._acker: _Acker | None = None
         self._closed = False
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
@@ -270,6 +313,7 @@ class _Subscription(BrokerSubscription):
                 await channel.close()
             raise
         self._channel = channel
+        self._acker = acker
         if self._closed:  # unsubscribed while this ran
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -301,6 +345,10 @@ class _Subscription(BrokerSubscription):
         self._closed = True
         self.broker._subscriptions.discard(self)
         channel, self._channel = self._channel, None
+        acker, self._acker = self._acker, None
+        if acker is not None and channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(acker.close(), self.broker.connect_timeout)
         if channel is not None and not channel.is_closed:
             # Closing the channel cancels the consumer; its unacknowledged messages go back to
             # the queue (a plain subscription's queue is deleted with its last consumer).
