@@ -398,7 +398,7 @@ class BusObserver:
     :func:`observer_for`) or by :func:`amb_core.observability.instrument`."""
 
     __slots__ = (
-        "_cache", "_config", "_probes", "_reply_stats", "_tracer_provider", "broker", "store",
+        "_config", "_probes", "_reply_stats", "_tracer_provider", "broker", "store", "topic_stats",
         "tracing",
     )
 
@@ -414,7 +414,8 @@ class BusObserver:
         self.store = store or STORE
         self.broker = broker_label(bus.broker)
         self._tracer_provider = tracer_provider
-        self._cache: dict[str, TopicStats] = {}
+        self.topic_stats: dict[str, TopicStats] = {}
+        """Per published topic; the bus counts a publish here directly on its hot path."""
         self._reply_stats = self.store.topic(self.broker, REPLY_LABEL)
         self.tracing: Tracing | None = None
         self._probes: weakref.WeakSet[Probe] = weakref.WeakSet()
@@ -438,14 +439,14 @@ class BusObserver:
     # --- publish -----------------------------------------------------------------------------
 
     def _topic(self, topic: str) -> TopicStats:
-        stats = self._cache.get(topic)
+        stats = self.topic_stats.get(topic)
         if stats is None:
             config = self._config
             stats = self.store.topic(self.broker, config.topic_label(topic),
                                      config.max_topic_labels)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[topic] = stats
+            if len(self.topic_stats) > 10_000:
+                self.topic_stats.clear()
+            self.topic_stats[topic] = stats
         return stats
 
     def publishing(self, msg: Message, reply: bool = False) -> Span | None:
@@ -459,7 +460,7 @@ class BusObserver:
 
     def published(self, msg: Message, span: Span | None, reply: bool = False) -> None:
         """After the broker took the message (``reply``: a reply, from ``_send_reply``)."""
-        stats = self._cache.get(msg.topic) if not reply else self._reply_stats
+        stats = self.topic_stats.get(msg.topic) if not reply else self._reply_stats
         if stats is None:
             stats = self._topic(msg.topic)
         stats.published += 1
@@ -533,8 +534,8 @@ class Probe:
     """
 
     __slots__ = (
-        "__weakref__", "_bus", "_every", "_handler", "_lag", "_local", "_observer", "_skip",
-        "_start", "_stats", "_sub", "_weight", "_window_count", "_window_start", "tracing",
+        "__weakref__", "_bus", "_every", "_handler", "_lag", "_local", "_observer", "_start",
+        "_sub", "_weight", "_window_count", "_window_start", "skip", "stats", "tracing",
     )
 
     def __init__(self, observer: BusObserver, sub: Subscription) -> None:
@@ -542,12 +543,12 @@ class Probe:
         self._sub = sub
         self._bus = sub.bus
         self._local = sub.bus._local
-        self._stats = observer.store.subscription(observer.broker, sub.pattern)
-        self._stats.subscriptions.add(sub)
-        self._handler = self._stats.handler
-        self._lag = self._stats.lag
+        self.stats = observer.store.subscription(observer.broker, sub.pattern)
+        self.stats.subscriptions.add(sub)
+        self._handler = self.stats.handler
+        self._lag = self.stats.lag
         self._every = 1
-        self._skip = 0
+        self.skip = 0
         self._window_start = 0.0
         self._window_count = 0
         self._start = 0.0
@@ -556,10 +557,10 @@ class Probe:
 
     async def process(self, msg: Message, delivery: Delivery) -> None:
         """What ``bus._process`` does, counted, timed (sampled) and traced (when on)."""
-        stats = self._stats
+        stats = self.stats
         stats.delivered += 1
-        if self._skip:
-            self._skip -= 1
+        if self.skip:
+            self.skip -= 1
             if self.tracing is not None:
                 await self._process_traced(msg, delivery, self.tracing, 0.0, 0)
                 return
@@ -592,26 +593,15 @@ class Probe:
         stats.succeeded += 1
         await self._bus._succeeded(msg, delivery, result)
 
-    def begin(self, msg: Message) -> bool:
-        """The bus's inline path (one handler at a time, no tracing) calls this before the
-        handler instead of awaiting :meth:`process`: a coroutine frame less per message.
-        Returns whether this delivery is timed; :meth:`end` takes that back."""
-        self._stats.delivered += 1
-        if self._skip:
-            self._skip -= 1
-            return False
+    def start_timing(self, msg: Message) -> None:
+        """The bus's inline path (one handler at a time, no tracing) counts deliveries and
+        outcomes in :attr:`stats` itself, skips :attr:`skip` deliveries, and calls this (and
+        :meth:`stop_timing`) only for the sampled ones: no call per message in steady state."""
         start = self._start = time()
         self._weight = self._sampled(msg, start)
-        return True
 
-    def end(self, timed: bool, ok: bool) -> None:
-        """After the handler of a :meth:`begin` (before any retry)."""
-        if timed:
-            self._handler.observe(time() - self._start, self._weight)
-        if ok:
-            self._stats.succeeded += 1
-        else:
-            self._stats.failed += 1
+    def stop_timing(self) -> None:
+        self._handler.observe(time() - self._start, self._weight)
 
     def _sampled(self, msg: Message, now: float) -> int:
         """A timed delivery: its lag, and the choice of how many to skip until the next.
@@ -630,7 +620,7 @@ class Probe:
             self._every = every
             self._window_start = now
             self._window_count = 0
-        self._skip = self._every - 1
+        self.skip = self._every - 1
         return weight
 
     async def _process_traced(
@@ -647,7 +637,7 @@ class Probe:
             else:
                 if weight:
                     self._handler.observe(time() - start, weight)
-                self._stats.succeeded += 1
+                self.stats.succeeded += 1
                 await self._bus._succeeded(msg, delivery, result)
         finally:
             tracing.detach(token)
@@ -656,7 +646,7 @@ class Probe:
     def _attempt_failed(self, msg: Message, exc: Exception, start: float, weight: int) -> None:
         if weight:
             self._handler.observe(time() - start, weight)
-        self._stats.failed += 1
+        self.stats.failed += 1
         if self.tracing is not None:
             self.tracing.current_span().record_exception(exc, {"amb.attempt": msg.attempt})
 
@@ -669,18 +659,18 @@ class Probe:
             self._attempt_failed(msg, exc, start, 1)
             raise
         self._handler.observe(time() - start)
-        self._stats.succeeded += 1
+        self.stats.succeeded += 1
         return result
 
     def retrying(self, msg: Message, delay: float) -> None:
-        self._stats.retried += 1
+        self.stats.retried += 1
         if self.tracing is not None:
             self.tracing.current_span().add_event(
                 "retry", {"amb.attempt": msg.attempt, "amb.retry.delay": delay}
             )
 
     def dead_lettered(self, msg: Message, destination: str) -> None:
-        self._stats.dead_lettered += 1
+        self.stats.dead_lettered += 1
         if self.tracing is not None:
             span = self.tracing.current_span()
             span.set_attribute("amb.dead_letter.destination", destination)
