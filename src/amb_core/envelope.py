@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
@@ -66,6 +67,8 @@ def parse_time(text: str) -> float:
         if fraction.isdigit():
             return (seconds * 1_000_000 + int(fraction)) / 1_000_000
     normalized = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    # Python 3.10's fromisoformat takes only 3 or 6 fraction digits; RFC 3339 allows any.
+    normalized = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], normalized)
     moment = datetime.fromisoformat(normalized)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
@@ -73,6 +76,7 @@ def parse_time(text: str) -> float:
 
 
 _MICROSECOND = datetime.resolution
+_FRACTION = re.compile(r"\.(\d+)")
 
 
 def _json_default(value: Any) -> Any:
