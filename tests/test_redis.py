@@ -5,14 +5,25 @@ positions, URL handling and idleness. Real servers only (the shared one, or a pr
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 from tests.conftest import require_server
-from tests.test_contract_redis import HOST, PORT, URL, PrivateRedis, private_redis  # noqa: F401
+from tests.test_contract_redis import (  # noqa: F401
+    HOST,
+    PORT,
+    URL,
+    PrivateRedis,
+    free_port,
+    private_redis,
+)
 
 from amb_core import AgentMessageBus, BrokerConnectionError, Message, RetryPolicy
 from amb_core.adapters import RedisBroker, broker_from_url
@@ -320,3 +331,54 @@ async def test_streams_lose_nothing_across_a_restart(
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.1)
         await got.wait_for(lambda: set(got.payloads) >= set(range(200)), 20)
+
+
+async def test_rediss_url_with_password_over_real_tls(tmp_path: Path) -> None:
+    """``rediss://`` end to end: a private TLS-only redis-server with a password and a self-signed
+    certificate; pub/sub and a consumer group both work and the password stays out of repr."""
+    redis_server, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if redis_server is None or openssl is None:
+        pytest.skip("needs redis-server and openssl")
+    folder = str(tmp_path)
+    cert, key = f"{folder}/cert.pem", f"{folder}/key.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    port = free_port()
+    server = subprocess.Popen(  # noqa: ASYNC220 - starts at once, never waits
+        [redis_server, "--bind", HOST, "--port", "0", "--tls-port", str(port),
+         "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert,
+         "--tls-auth-clients", "no", "--requirepass", "tls-s3cret", "--save", "",
+         "--appendonly", "no", "--dir", folder],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(100):
+            if server.poll() is not None:
+                output = server.stdout.read().decode() if server.stdout else ""
+                pytest.skip(f"this redis-server has no TLS: {output[-200:]}")
+            try:
+                socket.create_connection((HOST, port), 0.1).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        url = f"rediss://:tls-s3cret@{HOST}:{port}/0?ssl_ca_certs={cert}"
+        broker = RedisBroker(url)
+        assert "tls-s3cret" not in repr(broker)
+        async with AgentMessageBus(broker=broker) as bus:
+            plain, grouped = Collector(), Collector()
+            await bus.subscribe("tls.plain", plain)
+            await bus.subscribe("tls.work", grouped, consumer_group="g")
+            await bus.publish(Message(topic="tls.plain", payload={"secure": True}))
+            await bus.publish(Message(topic="tls.work", payload="job"))
+            await plain.wait_count(1, 10)
+            await grouped.wait_count(1, 10)
+            assert plain.payloads == [{"secure": True}] and grouped.payloads == ["job"]
+        with pytest.raises(ConnectionError):  # plain TCP to a TLS-only port fails, clearly
+            await RedisBroker(f"redis://:tls-s3cret@{HOST}:{port}/0", connect_timeout=2.0).connect()
+    finally:
+        server.kill()
+        server.wait(5)
