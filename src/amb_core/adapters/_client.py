@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import ClassVar
 
+from amb_core._optional import require
 from amb_core.broker import Broker, BrokerSubscription, DeliveryHandler
-from amb_core.errors import MissingDependency, UnsupportedFeature
+from amb_core.errors import UnsupportedFeature
 
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` or raise an error that names the ``pip install`` to run."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependency(
-            f"{module} is not installed; run: pip install 'amb-core[{extra}]'"
-        ) from exc
+__all__ = ["PlaceholderBroker", "not_implemented_yet", "require"]
 
 
 def not_implemented_yet(adapter: str, module: str, extra: str) -> UnsupportedFeature:

@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from amb_core.observability import _config
+from amb_core._optional import require
 from amb_core.observability._bus import STORE, BusObserver, broker_label
 from amb_core.observability._config import default_topic_label, settings
 from amb_core.observability._logging import JsonFormatter, TraceContextFilter, configure_logging
@@ -89,7 +89,7 @@ def instrument(bus: AgentMessageBus, *, tracer_provider: Any = None) -> BusObser
 def get_registry() -> Any:
     """The prometheus_client registry holding amb-core's metrics, for an endpoint you already
     serve. Raises :class:`amb_core.errors.MissingDependency` without prometheus-client."""
-    _config.require("prometheus_client")
+    require("prometheus_client", "observability")
     registry = settings.prometheus_registry()
     STORE.register(registry)
     return registry
@@ -97,7 +97,7 @@ def get_registry() -> Any:
 
 def metrics_text() -> bytes:
     """The Prometheus text exposition of :func:`get_registry` (for a web framework's route)."""
-    prometheus_client = _config.require("prometheus_client")
+    prometheus_client = require("prometheus_client", "observability")
     data: bytes = prometheus_client.generate_latest(get_registry())
     return data
 
@@ -134,7 +134,7 @@ def serve_metrics(
     """Serve ``/metrics`` for Prometheus on ``addr:port`` (``port=0``: any free port; see
     ``.port``) from a daemon thread, as ``prometheus_client.start_http_server`` does.
     ``addr="127.0.0.1"`` keeps it local. Raises MissingDependency without prometheus-client."""
-    prometheus_client = _config.require("prometheus_client")
+    prometheus_client = require("prometheus_client", "observability")
     registry = registry if registry is not None else get_registry()
     STORE.register(registry)
     server, thread = prometheus_client.start_http_server(port, addr=addr, registry=registry)

@@ -13,10 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from types import ModuleType
 from typing import Any
-
-from amb_core.errors import MissingDependency
 
 TopicLabel = Callable[[str], str]
 
@@ -44,16 +41,6 @@ def prometheus_available() -> bool:
 
 def opentelemetry_available() -> bool:
     return available("opentelemetry") and available("opentelemetry.trace")
-
-
-def require(module: str) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingDependency` naming the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependency(
-            f"{module} is not installed; run: pip install 'amb-core[observability]'"
-        ) from exc
 
 
 def default_topic_label(topic: str, segments: int = 2) -> str:
