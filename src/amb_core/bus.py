@@ -24,7 +24,7 @@ from amb_core.retry import (
     ORIGINAL_TOPIC,
     RetryPolicy,
 )
-from amb_core.topics import validate_pattern, validate_topic
+from amb_core.topics import is_wildcard, validate_pattern, validate_topic
 
 if TYPE_CHECKING:
     from amb_core.observability._bus import BusObserver, Probe
@@ -367,7 +367,7 @@ class AgentMessageBus:
         self._require_connected()
         validate_pattern(pattern)
         caps = self.broker.capabilities
-        if not caps.wildcards and ("*" in pattern or ">" in pattern):
+        if not caps.wildcards and is_wildcard(pattern):
             raise UnsupportedFeature(f"{type(self.broker).__name__} has no wildcard subscriptions")
         if consumer_group is not None:
             if not caps.consumer_groups:

@@ -9,7 +9,6 @@ ERROR_TYPE = "amb-error-type"
 ERROR_MESSAGE = "amb-error-message"
 ATTEMPTS = "amb-attempts"
 ORIGINAL_TOPIC = "amb-original-topic"
-DEAD_LETTER_HEADERS = (ERROR_TYPE, ERROR_MESSAGE, ATTEMPTS, ORIGINAL_TOPIC)
 MAX_ERROR_TEXT = 2000
 
 
@@ -41,5 +40,3 @@ class RetryPolicy:
             delay *= 1 + random.uniform(-self.jitter, self.jitter)
         return max(delay, 0.0)
 
-
-NO_RETRY = RetryPolicy(max_attempts=1)
