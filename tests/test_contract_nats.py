@@ -103,13 +103,14 @@ def make_broker(url: str, jetstream: bool, **options: object) -> NATSBroker:
 
 class _NATSContract(BrokerContract):
     jetstream = False
+    fast_path = True
     wait = 10.0
     redelivery_wait = 15.0
 
     @pytest.fixture
     def broker_factory(self) -> Callable[[], NATSBroker]:
         require_server("nats", HOST, PORT)
-        return lambda: make_broker(URL, self.jetstream)
+        return lambda: make_broker(URL, self.jetstream, fast_path=self.fast_path)
 
     @pytest.fixture
     async def raw_publish(self) -> AsyncIterator[Callable[[str, bytes, dict[str, str]],
@@ -132,7 +133,8 @@ class _NATSContract(BrokerContract):
         self, private_nats: PrivateNATS
     ) -> tuple[Callable[[], NATSBroker], Callable[[], Awaitable[None]]]:
         return (
-            lambda: make_broker(private_nats.url, self.jetstream, reconnect_time_wait=0.2),
+            lambda: make_broker(private_nats.url, self.jetstream, reconnect_time_wait=0.2,
+                                fast_path=self.fast_path),
             private_nats.restart,
         )
 
@@ -147,3 +149,18 @@ class TestNATSJetStreamContract(_NATSContract):
     """JetStream: persistent groups (durable pull consumers), redelivery, replay."""
 
     jetstream = True
+
+
+class TestNATSCoreContractPublicAPI(_NATSContract):
+    """Core mode through nats-py's public API only (``fast_path=False``: what the adapter
+    falls back to when a nats-py version lacks the internals the fast path uses)."""
+
+    jetstream = False
+    fast_path = False
+
+
+class TestNATSJetStreamContractPublicAPI(_NATSContract):
+    """JetStream mode through nats-py's public API only (``fast_path=False``)."""
+
+    jetstream = True
+    fast_path = False

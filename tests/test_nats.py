@@ -20,7 +20,7 @@ from tests.test_contract_nats import HOST, PORT, URL, PrivateNATS, free_port, pr
 
 from amb_core import AgentMessageBus, Message, RetryPolicy
 from amb_core.adapters import broker_from_url
-from amb_core.adapters.nats import NATSBroker
+from amb_core.adapters.nats import NATSBroker, flush_in_order
 from amb_core.errors import BrokerConnectionError, NoResponders, RequestTimeout
 from amb_core.retry import ATTEMPTS, ORIGINAL_TOPIC
 from amb_core.testing.contract import Collector
@@ -120,6 +120,42 @@ async def test_user_password_pass_through_and_not_logged(
         assert "pa55-word" not in caplog.text and "wrong-pa55" not in caplog.text
     finally:
         server.cleanup()
+
+
+# --- core subscriptions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_core_slow_consumer_drops_beyond_its_limit_and_says_so(
+    core_topic: str, caplog: pytest.LogCaptureFixture, fast_path: bool
+) -> None:
+    """Core NATS is at-most-once: a subscription whose handler is stuck holds at most
+    ``pending_msgs_limit`` messages and drops the rest (logged once) instead of growing."""
+    limit, sent = 10, 50
+    broker = NATSBroker(servers=[URL], pending_msgs_limit=limit, fast_path=fast_path)
+    release = asyncio.Event()
+    stuck = Collector()
+
+    async def blocked(msg: Message) -> None:
+        await stuck(msg)
+        await release.wait()
+
+    async with AgentMessageBus(broker=broker) as bus:
+        await bus.subscribe(core_topic, blocked)
+        for i in range(sent):
+            await bus.publish(Message(topic=core_topic, payload=i))
+        # The server answers this connection's PING after delivering what its PUBs before
+        # it sent to this same connection: once the PONG is in, all 50 were offered.
+        assert broker._nc is not None
+        await flush_in_order(broker._nc)
+        release.set()
+        await bus.publish(Message(topic=core_topic, payload="last"))
+        await stuck.wait_for(lambda: stuck.payloads[-1:] == ["last"], WAIT)
+    kept = stuck.payloads[:-1]
+    # The first `limit` wait in order; one more fits once the handler took the first.
+    assert kept[:limit] == list(range(limit)) and len(kept) <= limit + 1
+    assert kept == sorted(kept)
+    assert caplog.text.count("slow consumer") == 1
 
 
 # --- request / reply -------------------------------------------------------------------------
@@ -240,7 +276,7 @@ async def test_long_handler_kept_alive_with_in_progress_acks(topic: str) -> None
 CRASHING_MEMBER = textwrap.dedent("""
     import asyncio, sys
     from amb_core import AgentMessageBus
-    from amb_core.adapters.nats import NATSBroker
+    from amb_core.adapters.nats import NATSBroker, flush_in_order
 
     async def main():
         bus = AgentMessageBus(broker=NATSBroker(servers=[sys.argv[1]], use_jetstream=True,

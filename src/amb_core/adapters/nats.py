@@ -48,7 +48,7 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 STATUS = "Status"
+DESCRIPTION = "Description"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 HEADER_ALLOWANCE = 4096
 """Bytes of a message's size kept for headers: NATS counts headers in ``max_payload``."""
@@ -145,22 +146,180 @@ def encode_headers(headers: dict[str, str]) -> bytes:
     return "".join(parts).encode()
 
 
-_HEADER_LINE = re.compile(
-    r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+)[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips, as nats-py does
+_SPACE = re.compile(r"\s")
+_parsed_lines: dict[str, tuple[str, str]] = {}
+"""header line -> (name, value), for lines that repeat message after message (``ce-source:
+amb-core``, ``content-type: application/json``); lines of names in ``_UNIQUE_PER_MESSAGE``
+are never kept."""
+_UNIQUE_PER_MESSAGE = frozenset(
+    ["ce-id", "ce-time", "ce-correlationid", "ce-causationid", "ce-ambreplyto", MSG_ID,
+     "traceparent", "tracestate"]
 )
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:
-    """What nats-py's ``Client._parse_header_lines`` returns (names that are valid header
-    tokens, values stripped, bad UTF-8 replaced), in one regex pass instead of a per-character
-    loop."""
-    return dict(_HEADER_LINE.findall(raw.decode("utf-8", "replace")))
+    """``name: value`` lines -> dict, as nats-py's ``Client._parse_header_lines`` (ASCII
+    names without whitespace, values stripped, bad UTF-8 replaced), with lines that repeat
+    from message to message looked up rather than parsed."""
+    headers: dict[str, str] = {}
+    known = _parsed_lines
+    for line in raw.decode("utf-8", "replace").split("\r\n"):
+        pair = known.get(line)
+        if pair is not None:
+            headers[pair[0]] = pair[1]
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        name = name.strip(_ASCII_SPACE)
+        if name not in _valid_names and (not name.isascii() or _SPACE.search(name)):
+            continue
+        value = value.strip(_ASCII_SPACE)
+        headers[name] = value
+        if name not in _UNIQUE_PER_MESSAGE:
+            if len(known) >= 1024:
+                known.clear()
+            known[line] = (name, value)
+    return headers
+
+
+def parse_header_block(block: bytes) -> dict[str, str]:
+    """A whole ``NATS/1.0[ status [description]]\r\n...`` block, status line included (as
+    nats-py: ``Status`` and ``Description`` keys)."""
+    first_line_end = block.find(b"\r\n")
+    if first_line_end < 0:
+        first_line_end = len(block)
+    headers = parse_header_lines(block[first_line_end + 2:])
+    if first_line_end > 8:  # an inline status: NATS/1.0 503, NATS/1.0 100 Idle Heartbeat
+        status, _, description = block[9:first_line_end].decode("utf-8", "replace").partition(" ")
+        if status.isdigit():
+            headers[STATUS] = status
+        if description:
+            headers[DESCRIPTION] = description.strip()
+    return headers
+
+
+Route = Callable[[str, str, "dict[str, str] | None", bytes], None]
+"""What receives one message of an own subscription: (subject, reply, headers, data). Called
+synchronously by the parser; it must not raise and must not block."""
+
+
+class FastParser:
+    """Stands in for nats-py's protocol parser on our own connections (``Client._ps``).
+
+    nats-py's parser deletes each message from the front of its buffer (a copy of everything
+    behind it, per message), and every message then becomes a ``Msg`` in an ``asyncio.Queue``
+    read by a task per subscription. This one walks the buffer by offset and hands messages of
+    the adapter's own subscriptions (``routes``: sid -> :data:`Route`) straight to them.
+    Everything else (other sids, PING, PONG, INFO, -ERR, +OK) goes to nats-py as before, so
+    its own machinery (JetStream API replies, reconnects) sees no difference.
+    """
+
+    def __init__(self, nc: Client, routes: dict[int, Route], fallback: Any) -> None:
+        self.nc = nc
+        self.routes = routes
+        self.fallback = fallback
+        """a nats-py ``Parser``, given one complete control line at a time"""
+        self.buf = bytearray()
+        self.needed = 0
+        """bytes the message at the front of ``buf`` needs in all, once known"""
+        self._subjects: dict[bytes, str] = {}
+
+    def reset(self) -> None:
+        self.buf = bytearray()
+        self.needed = 0
+        self.fallback.reset()
+
+    async def parse(self, data: bytes = b"") -> None:
+        if self.buf:
+            self.buf.extend(data)
+            if len(self.buf) < self.needed:
+                return  # a large message still arriving: nothing to parse yet
+            data = bytes(self.buf)
+            self.buf.clear()
+        self.needed = 0
+        end = len(data)
+        pos = 0
+        routes = self.routes
+        subjects = self._subjects
+        while pos < end:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            if data.startswith(b"MSG ", pos):
+                args = data[pos + 4:eol].split()
+                fields, header_size = 3, 0
+            elif data.startswith(b"HMSG ", pos):
+                args = data[pos + 5:eol].split()
+                fields, header_size = 4, -1
+            else:
+                await self.fallback.parse(data[pos:eol + 2])
+                if self.fallback.buf:  # a line nats-py would not take: not our protocol
+                    raise _protocol_error("nats: unknown protocol")
+                if self.nc.is_reconnecting or self.nc.is_closed:
+                    return  # -ERR: nats-py reset us; the rest of this read is void
+                pos = eol + 2
+                continue
+            try:
+                if not fields <= len(args) <= fields + 1:
+                    raise ValueError
+                size = int(args[-1])
+                if header_size:
+                    header_size = int(args[-2])
+                subject, sid = args[0], int(args[1])
+                reply = args[2] if len(args) > fields else b""
+            except ValueError:
+                raise _protocol_error("nats: malformed MSG") from None
+            start = eol + 2
+            stop = start + size
+            if stop + 2 > end:
+                self.needed = stop + 2 - pos
+                break
+            pos = stop + 2
+            route = routes.get(sid)
+            if route is None:
+                await self.nc._process_msg(
+                    sid, subject, reply, data[start + header_size:stop],
+                    data[start:start + header_size] if header_size else None,  # type: ignore[arg-type]
+                )
+                continue
+            name = subjects.get(subject)
+            if name is None:
+                name = subject.decode()
+                if len(subjects) > 1024:
+                    subjects.clear()
+                subjects[subject] = name
+            try:
+                route(
+                    name, reply.decode() if reply else "",
+                    parse_header_block(data[start:start + header_size])
+                    if header_size else None,
+                    data[start + header_size:stop],
+                )
+            except Exception:
+                logger.exception("NATS delivery to %s failed", name)
+        if pos < end:
+            self.buf.extend(data[pos:])
+
+
+def _protocol_error(text: str) -> Exception:
+    from nats.errors import ProtocolError
+
+    return ProtocolError(text)
 
 
 _FAST_PATH_ATTRIBUTES = (
     "_send_command", "_flush_pending", "_flush_queue", "_max_pending_size",
-    "_pending_data_size", "_parse_header_lines", "stats",
+    "_pending_data_size", "_parse_header_lines", "_max_payload", "_ps", "_process_msg", "_subs",
+    "_pending", "_status", "CONNECTED",
 )
+
+
+def errors_module() -> Any:
+    from nats import errors
+
+    return errors
 
 
 class NATSBroker(Broker):
@@ -269,10 +428,14 @@ class NATSBroker(Broker):
 
         self.fast_path = fast_path
         self._fast = False
+        self._routes: dict[int, Route] = {}
+        """sid -> receiver, for the subscriptions that FastParser hands messages to directly"""
+        self._errors: Any = None
+        self._connected_status = -1
         self._nc: Client | None = None
         self._ack_marker = f"{self._inbox_prefix}.amback."
         self._tokens = itertools.count(1)
-        self._responses: dict[str, asyncio.Future[Msg]] = {}
+        self._responses: dict[str, asyncio.Future[tuple[bytes, dict[str, str] | None]]] = {}
         self._response_prefix: str | None = None
         self._response_lock = asyncio.Lock()
         self._acks: dict[str, asyncio.Future[int]] = {}
@@ -285,7 +448,6 @@ class NATSBroker(Broker):
         self._stream_lock = asyncio.Lock()
         self._pull_subs: set[_PullSubscription] = set()
         self._keeper: asyncio.Task[None] | None = None
-        self._slow_consumer_warned: set[int] = set()
 
     def __repr__(self) -> str:
         servers = [mask_url(s) for s in self.servers]
@@ -347,6 +509,12 @@ class NATSBroker(Broker):
         from nats.aio.client import Client as NatsClient
 
         nc = NatsClient()
+        self._fast = self.fast_path and all(hasattr(nc, a) for a in _FAST_PATH_ATTRIBUTES)
+        self._routes = {}
+        if self._fast:
+            # This connection only: nats-py calls both through the instance.
+            nc._parse_header_lines = parse_header_lines  # type: ignore[method-assign]
+            nc._ps = FastParser(nc, self._routes, nc._ps)  # type: ignore[assignment]
         try:
             await asyncio.wait_for(
                 nc.connect(
@@ -375,10 +543,8 @@ class NATSBroker(Broker):
                 "NATS server max_payload is %d bytes, below the %d this broker was configured "
                 "with; pass max_payload=%d", nc.max_payload, self.max_payload, nc.max_payload,
             )
-        self._fast = self.fast_path and all(hasattr(nc, a) for a in _FAST_PATH_ATTRIBUTES)
-        if self._fast:
-            # This connection only: nats-py calls it through the instance.
-            nc._parse_header_lines = parse_header_lines  # type: ignore[method-assign]
+        self._errors = errors_module()
+        self._connected_status = NatsClient.CONNECTED
         self._nc = nc
         if self.use_jetstream:
             if self.max_pending_acks:
@@ -416,16 +582,6 @@ class NATSBroker(Broker):
         self._nc = None
 
     async def _on_error(self, exc: Exception) -> None:
-        from nats.errors import SlowConsumerError
-
-        if isinstance(exc, SlowConsumerError):
-            if exc.sid not in self._slow_consumer_warned:
-                self._slow_consumer_warned.add(exc.sid)
-                logger.warning(
-                    "NATS slow consumer on %s: messages dropped (core subscriptions are "
-                    "at-most-once; raise pending_msgs_limit or max_concurrency)", exc.subject,
-                )
-            return
         logger.debug("NATS client error: %r", exc)
 
     async def _on_disconnected(self) -> None:
@@ -473,16 +629,35 @@ class NATSBroker(Broker):
             return BrokerConnectionError(f"NATS connection unavailable: {type(exc).__name__}")
         return exc
 
-    async def _send(self, nc: Client, subject: str, body: bytes, headers: dict[str, str],
-                    reply: str = "") -> None:
-        """``nc.publish`` with headers encoded by :func:`encode_headers` (see above)."""
+    async def _send(self, nc: Client, subject: str, body: bytes,
+                    headers: dict[str, str] | None, reply: str = "") -> None:
+        """``nc.publish``, with headers encoded by :func:`encode_headers` (see above) and the
+        command appended to the client's pending buffer directly (what ``_send_command``
+        does), after the same checks."""
         if not self._fast:
             await nc.publish(subject, body, reply=reply, headers=headers)
             return
-        from nats import errors
+        if headers:
+            header = encode_headers(headers)
+            size = len(header) + len(body)
+            command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+                subject.encode(), reply.encode(), len(header), size, header, body)
+        else:
+            size = len(body)
+            command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size, body)
+        if size > nc._max_payload or nc._status != self._connected_status:
+            self._check_sendable(nc, size)
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        if 0 < nc._max_pending_size < nc._pending_data_size:
+            await nc._flush_pending(force_flush=True)
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()
 
-        header = encode_headers(headers)
-        size = len(header) + len(body)
+    def _check_sendable(self, nc: Client, size: int) -> None:
+        """nats-py's publish checks, for when the message is large or the client not plainly
+        connected (closed, draining, reconnecting: then buffered up to its pending size)."""
+        errors = self._errors
         if size > nc.max_payload:
             raise errors.MaxPayloadError
         if nc.is_closed:
@@ -493,15 +668,6 @@ class NATSBroker(Broker):
             nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
         ):
             raise errors.OutboundBufferLimitError
-        stats = nc.stats
-        stats["out_msgs"] += 1
-        stats["out_bytes"] += len(body)
-        await nc._send_command(
-            b"HPUB %s %s %d %d\r\n%s%s\r\n"
-            % (subject.encode(), reply.encode(), len(header), size, header, body)
-        )
-        if nc._flush_queue is not None and nc._flush_queue.empty():
-            await nc._flush_pending()
 
     async def _js_publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
         nc = self._conn()
@@ -579,23 +745,23 @@ class NATSBroker(Broker):
                 from nats.nuid import NUID
 
                 prefix = f"{self._ack_marker}{NUID().next().decode()}."
-                await self._conn().subscribe(prefix + "*", cb=self._on_ack)
+                await self._listen(prefix + "*", self._on_ack)
                 self._ack_prefix = prefix
             return self._ack_prefix
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, subject: str, reply: str, headers: dict[str, str] | None,
+                data: bytes) -> None:
         prefix = self._ack_prefix or ""
-        future = self._acks.get(msg.subject[len(prefix):])
+        future = self._acks.get(subject[len(prefix):])
         if future is None or future.done():
             return
-        headers = msg.headers
         if headers and headers.get(STATUS) == "503":
             future.set_exception(NoResponders("no JetStream stream answered"))
             return
         try:
-            answer = orjson.loads(msg.data)
+            answer = orjson.loads(data)
         except orjson.JSONDecodeError:
-            future.set_exception(BrokerConnectionError(f"bad JetStream ack: {msg.data[:100]!r}"))
+            future.set_exception(BrokerConnectionError(f"bad JetStream ack: {data[:100]!r}"))
             return
         error = answer.get("error") if isinstance(answer, dict) else None
         if error:
@@ -605,6 +771,29 @@ class NATSBroker(Broker):
             )
         else:
             future.set_result(int(answer.get("seq", 0)))
+
+    # --- own subscriptions -------------------------------------------------------------------
+
+    async def _listen(self, subject: str, route: Route, queue: str = "") -> Subscription:
+        """Subscribe ``route`` to ``subject``: fed by :class:`FastParser` straight from the
+        socket, or (``fast_path`` off) through a nats-py callback. nats-py keeps the
+        subscription either way, so it restores it after a reconnect."""
+        nc = self._conn()
+        if self._fast:
+            sub = await nc.subscribe(subject, queue=queue)
+            self._routes[sub._id] = route
+            return sub
+
+        async def relay(msg: Msg) -> None:
+            route(msg.subject, msg.reply, msg.headers, msg.data)
+
+        return await nc.subscribe(subject, queue=queue, cb=relay, pending_msgs_limit=0,
+                                  pending_bytes_limit=0)
+
+    async def _unlisten(self, sub: Subscription) -> None:
+        self._routes.pop(sub._id, None)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
     # --- streams ---------------------------------------------------------------------------
 
@@ -706,27 +895,14 @@ class NATSBroker(Broker):
             pull = _PullSubscription(self, stream, consumer, handler, prefetch)
             await pull.start()
             return pull
-        marker = self._ack_marker
-
-        async def on_msg(msg: Msg) -> None:
-            headers = msg.headers
-            if headers is None:
-                headers = {}
-            elif MSG_ID in headers:
-                del headers[MSG_ID]
-            reply = msg.reply
-            await handler(Delivery(
-                msg.subject, msg.data, headers,
-                reply_to=reply if reply and not reply.startswith(marker) else None,
-            ))
-
-        sub = await nc.subscribe(
-            pattern, queue=group or "", cb=on_msg,
-            pending_msgs_limit=self.pending_msgs_limit,
-            pending_bytes_limit=self.pending_bytes_limit,
-        )
-        await flush_in_order(nc)  # the server has the subscription once its PONG is back
-        return _CoreSubscription(sub)
+        channel = _CoreChannel(self, pattern, handler)
+        try:
+            channel.sub = await self._listen(pattern, channel.push, queue=group or "")
+            await flush_in_order(nc)  # the server has the subscription once its PONG is back
+        except BaseException:
+            await channel.close()
+            raise
+        return channel
 
     def _consumer_name(self, group: str, pattern: str) -> str:
         digest = hashlib.sha1(f"{group}\0{pattern}".encode()).hexdigest()[:12]
@@ -775,12 +951,12 @@ class NATSBroker(Broker):
             # subject; the envelope carries it (the bus reads it back as reply_to).
             headers[self.header_prefix + "ambreplyto"] = inbox
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
+        future: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
         self._responses[token] = future
         timer = loop.call_later(timeout, _expire_request, future, topic, timeout)
         try:
             await self._send(nc, topic, body, headers, inbox)
-            msg = await future
+            data, reply_headers = await future
         except NotConnected:
             raise
         except (RequestTimeout, NoResponders):
@@ -790,9 +966,10 @@ class NATSBroker(Broker):
         finally:
             timer.cancel()
             self._responses.pop(token, None)
-        reply_headers = msg.headers or {}
+        if reply_headers is None:
+            reply_headers = {}
         reply_headers.pop(MSG_ID, None)
-        return Delivery(topic, msg.data, reply_headers)
+        return Delivery(topic, data, reply_headers)
 
     async def _init_responses(self) -> str:
         async with self._response_lock:
@@ -800,25 +977,25 @@ class NATSBroker(Broker):
                 from nats.nuid import NUID
 
                 prefix = f"{self._inbox_prefix}.{NUID().next().decode()}."
-                await self._conn().subscribe(prefix + "*", cb=self._on_response)
+                await self._listen(prefix + "*", self._on_response)
                 self._response_prefix = prefix
             return self._response_prefix
 
-    async def _on_response(self, msg: Msg) -> None:
+    def _on_response(self, subject: str, reply: str, headers: dict[str, str] | None,
+                     data: bytes) -> None:
         prefix = self._response_prefix or ""
-        future = self._responses.get(msg.subject[len(prefix):])
+        future = self._responses.get(subject[len(prefix):])
         if future is None or future.done():
             return  # late, or a duplicate: its request is gone
-        headers = msg.headers
-        if headers and headers.get(STATUS) == "503" and not msg.data:
+        if headers and headers.get(STATUS) == "503" and not data:
             topic = headers.get("Nats-Subject", "the topic")
             future.set_exception(NoResponders(f"no subscriber serves {topic}; request failed fast"))
             return
-        if _is_pub_ack(msg):
+        if _is_pub_ack(data, headers):
             # A stream captures this subject (in either mode: streams are server-side), stored
             # the request and said so. Not the reply: keep waiting for the responder's.
             return
-        future.set_result(msg)
+        future.set_result((data, headers))
 
     # --- replay ----------------------------------------------------------------------------
 
@@ -889,14 +1066,13 @@ async def flush_in_order(nc: Client, timeout: float = 10.0) -> None:
     await nc.flush(timeout=max(int(timeout), 1))
 
 
-def _is_pub_ack(msg: Msg) -> bool:
-    data = msg.data
+def _is_pub_ack(data: bytes, headers: dict[str, str] | None) -> bool:
     return data.startswith(b'{"stream"') and b'"seq"' in data and not (
-        msg.headers and any(key.startswith("ce-") for key in msg.headers)
+        headers and any(key.startswith("ce-") for key in headers)
     )
 
 
-def _expire_request(future: asyncio.Future[Msg], topic: str, timeout: float) -> None:
+def _expire_request(future: asyncio.Future[Any], topic: str, timeout: float) -> None:
     if not future.done():
         future.set_exception(RequestTimeout(f"no reply from {topic!r} within {timeout}s"))
 
@@ -909,24 +1085,87 @@ def _expire_ack(future: asyncio.Future[int], topic: str, timeout: float) -> None
         ))
 
 
-class _CoreSubscription(BrokerSubscription):
-    def __init__(self, sub: Subscription) -> None:
-        self._sub = sub
+class _CoreChannel(BrokerSubscription):
+    """A core subscription: its messages wait here and one task hands them to the bus in order.
+
+    Bounded by the broker's ``pending_msgs_limit``/``pending_bytes_limit`` as nats-py bounds
+    its own queues: beyond them messages are dropped (core NATS is at-most-once) and a warning
+    is logged once, rather than memory growing without end behind a slow handler.
+    """
+
+    def __init__(self, broker: NATSBroker, pattern: str, handler: DeliveryHandler) -> None:
+        self.sub: Subscription | None = None
+        self._broker = broker
+        self._pattern = pattern
+        self._handler = handler
+        self._marker = broker._ack_marker
+        self._queue: deque[tuple[str, str, dict[str, str] | None, bytes]] = deque()
+        self._bytes = 0
+        self._max_msgs = broker.pending_msgs_limit
+        self._max_bytes = broker.pending_bytes_limit
+        self._warned = False
+        self._loop = asyncio.get_running_loop()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task = self._loop.create_task(self._run())
+
+    def push(self, subject: str, reply: str, headers: dict[str, str] | None,
+             data: bytes) -> None:
+        queue = self._queue
+        if len(queue) >= self._max_msgs > 0 or self._bytes >= self._max_bytes > 0:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "NATS slow consumer on %s: messages dropped (core subscriptions are "
+                    "at-most-once; raise pending_msgs_limit or max_concurrency)", self._pattern,
+                )
+            return
+        queue.append((subject, reply, headers, data))
+        self._bytes += len(data)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+    async def _run(self) -> None:
+        queue, handler, marker = self._queue, self._handler, self._marker
+        while True:
+            if not queue:
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+                continue
+            subject, reply, headers, data = queue.popleft()
+            self._bytes -= len(data)
+            if headers is None:
+                headers = {}
+            elif MSG_ID in headers:
+                del headers[MSG_ID]
+            try:
+                await handler(Delivery(
+                    subject, data, headers,
+                    reply_to=reply if reply and not reply.startswith(marker) else None,
+                ))
+            except Exception:
+                logger.exception("delivering a NATS message from %s failed", subject)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        if self.sub is not None:
+            await self._broker._unlisten(self.sub)
+            self.sub = None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._queue.clear()
 
 
 class _JetStreamDelivery(Delivery):
     __slots__ = ("_ack_subject", "_owner")
 
-    def __init__(self, owner: _PullSubscription, msg: Msg, delivered: int, sequence: int,
-                 headers: dict[str, str]) -> None:
-        super().__init__(msg.subject, msg.data, headers, delivery_count=delivered,
-                         position=sequence)
+    def __init__(self, owner: _PullSubscription, subject: str, ack_subject: str, data: bytes,
+                 headers: dict[str, str], delivered: int, sequence: int) -> None:
+        super().__init__(subject, data, headers, delivery_count=delivered, position=sequence)
         self._owner = owner
-        self._ack_subject = msg.reply
+        self._ack_subject = ack_subject
 
     async def ack(self) -> None:
         await self._owner.settle(self._ack_subject, _ACK)
@@ -953,7 +1192,7 @@ class _PullSubscription(BrokerSubscription):
         self._handler = handler
         self._batch = max(broker.pull_batch, prefetch)
         self._low_water = self._batch // 2
-        self._buffer: deque[Msg] = deque()
+        self._buffer: deque[tuple[str, str, dict[str, str] | None, bytes]] = deque()
         self._held: dict[str, float] = {}
         """ack subject -> when it was last touched, for every message not yet settled"""
         self._wake = asyncio.Event()
@@ -967,29 +1206,29 @@ class _PullSubscription(BrokerSubscription):
         self._closed = False
 
     async def start(self) -> None:
-        nc = self._broker._conn()
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
+        self._inbox = self._broker._conn().new_inbox()
+        self._sub = await self._broker._listen(self._inbox, self._on_msg)
         self._broker._pull_subs.add(self)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         await self._pull()  # a message published after subscribe returns is ours to get
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, subject: str, reply: str, headers: dict[str, str] | None,
+                data: bytes) -> None:
         if self._closed:
             return
         self._last_activity = time.monotonic()
-        if msg.reply:
+        if reply:
             if self._outstanding > 0:
                 self._outstanding -= 1
-            self._held[msg.reply] = self._last_activity
-            self._buffer.append(msg)
+            self._held[reply] = self._last_activity
+            self._buffer.append((subject, reply, headers, data))
             self._wake.set()
             return
-        status = msg.headers.get(STATUS) if msg.headers else None
+        status = headers.get(STATUS) if headers else None
         if status == "100":
             return  # heartbeat
         if status == "409":
-            description = (msg.headers or {}).get("Description", "")
+            description = (headers or {}).get(DESCRIPTION, "")
             if "Deleted" in description:
                 logger.warning("consumer %s on %s was deleted", self._consumer, self._stream)
         self._outstanding = 0  # 404/408/409: that pull request is over
@@ -1030,23 +1269,22 @@ class _PullSubscription(BrokerSubscription):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            msg = buffer.popleft()
-            reply = msg.reply
+            subject, reply, headers, data = buffer.popleft()
             tokens = reply.split(".")
             # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the
             # longer form with domain and account hash (tokens counted from the end).
             delivered, sequence = int(tokens[-5]), int(tokens[-4])
-            headers = msg.headers
             if headers is None:
                 headers = {}
             elif MSG_ID in headers:
                 del headers[MSG_ID]
-            await handler(_JetStreamDelivery(self, msg, delivered, sequence, headers))
+            await handler(_JetStreamDelivery(self, subject, reply, data, headers, delivered,
+                                             sequence))
 
     async def settle(self, ack_subject: str, payload: bytes) -> None:
         if self._held.pop(ack_subject, None) is None and self._closed:
             return  # already nak'ed at close
-        await self._broker._conn().publish(ack_subject, payload)
+        await self._broker._send(self._broker._conn(), ack_subject, payload, None)
 
     async def keep_alive(self, now: float) -> None:
         """In-progress acks for messages held past half of ack_wait; restart a lost pull."""
@@ -1067,8 +1305,7 @@ class _PullSubscription(BrokerSubscription):
         self._closed = True
         self._broker._pull_subs.discard(self)
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+            await self._broker._unlisten(self._sub)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
