@@ -370,6 +370,31 @@ async def test_concurrent_publishes_pipeline_their_acks(topic: str) -> None:
         assert sorted(stored) == list(range(-1, 500))
 
 
+async def test_unacknowledged_publish_times_out_and_nothing_is_left_waiting(
+    private_nats: PrivateNATS,
+) -> None:
+    """A server that takes the publishes but never answers (stopped with SIGSTOP): every
+    publish raises TimeoutError after publish_timeout, each once, and no ack stays pending."""
+    broker = js_broker(private_nats.url, publish_timeout=0.5)
+    async with AgentMessageBus(broker=broker) as bus:
+        await bus.publish(Message(topic="frozen.x", payload=0))  # stream exists, server answers
+        assert private_nats.process is not None
+        private_nats.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(bus.publish(Message(topic="frozen.x", payload=i)) for i in range(20)),
+                return_exceptions=True,
+            )
+            elapsed = time.monotonic() - started
+        finally:
+            private_nats.process.send_signal(signal.SIGCONT)
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        assert 0.4 < elapsed < 3.0
+        assert not broker._acks and not broker._ack_deadlines
+        await bus.publish(Message(topic="frozen.x", payload="after"))  # and it recovers
+
+
 async def test_max_pending_acks_window(topic: str) -> None:
     broker = js_broker(max_pending_acks=100)
     async with AgentMessageBus(broker=broker) as bus:

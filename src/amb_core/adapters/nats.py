@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import itertools
 import logging
@@ -83,6 +82,7 @@ logger = logging.getLogger(__name__)
 MSG_ID = "Nats-Msg-Id"
 STATUS = "Status"
 DESCRIPTION = "Description"
+PENDING_MESSAGES = "Nats-Pending-Messages"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 HEADER_ALLOWANCE = 4096
 """Bytes of a message's size kept for headers: NATS counts headers in ``max_payload``."""
@@ -439,6 +439,9 @@ class NATSBroker(Broker):
         self._response_prefix: str | None = None
         self._response_lock = asyncio.Lock()
         self._acks: dict[str, asyncio.Future[int]] = {}
+        """ack token -> its publish's future, while the ack is outstanding"""
+        self._ack_deadlines: deque[tuple[float, str, str]] = deque()
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_prefix: str | None = None
         self._ack_lock = asyncio.Lock()
         self._window: asyncio.Semaphore | None = None
@@ -576,6 +579,10 @@ class NATSBroker(Broker):
                 future.set_exception(NotConnected("the NATS connection was closed"))
         self._responses.clear()
         self._acks.clear()
+        self._ack_deadlines.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._response_prefix = None
         self._ack_prefix = None
         self._streams.clear()
@@ -687,17 +694,15 @@ class NATSBroker(Broker):
             prefix = self._ack_prefix or await self._init_acks()
             token = str(next(self._tokens))
             future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._acks[token] = future
             if window is not None:
                 await window.acquire()
                 future.add_done_callback(self._window_done)
-            timer = asyncio.get_running_loop().call_later(
-                self.publish_timeout, _expire_ack, future, topic, self.publish_timeout
-            )
-            future.add_done_callback(functools.partial(self._ack_done, token, timer))
+            self._acks[token] = future
+            self._ack_deadline(token, topic)
             try:
                 await self._send(nc, topic, body, headers, prefix + token)
             except Exception as exc:
+                self._acks.pop(token, None)
                 future.cancel()
                 raise self._publish_error(exc, topic) from exc
             if window is not None:
@@ -715,9 +720,35 @@ class NATSBroker(Broker):
                 self._forget_stream(topic)
                 await self._stream_for(topic)
 
-    def _ack_done(self, token: str, timer: asyncio.TimerHandle, _: object) -> None:
-        timer.cancel()
-        self._acks.pop(token, None)
+    def _ack_deadline(self, token: str, topic: str) -> None:
+        """One timer for all outstanding acks, not one per publish: deadlines come in the order
+        of the publishes, so the front of the queue is always the next to expire."""
+        deadlines, acks = self._ack_deadlines, self._acks
+        while deadlines and deadlines[0][1] not in acks:
+            deadlines.popleft()  # acknowledged since
+        loop = asyncio.get_running_loop()
+        deadlines.append((loop.time() + self.publish_timeout, token, topic))
+        if self._ack_timer is None:
+            self._ack_timer = loop.call_at(deadlines[0][0], self._expire_acks)
+
+    def _expire_acks(self) -> None:
+        self._ack_timer = None
+        deadlines, acks = self._ack_deadlines, self._acks
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while deadlines:
+            deadline, token, topic = deadlines[0]
+            if token in acks:
+                if deadline > now:
+                    break
+                acks.pop(token).set_exception(TimeoutError(
+                    f"JetStream did not acknowledge a publish to {topic!r} within "
+                    f"{self.publish_timeout}s; it may or may not be stored (publishing the same "
+                    "message again is deduplicated)"
+                ))
+            deadlines.popleft()
+        if deadlines:
+            self._ack_timer = loop.call_at(deadlines[0][0], self._expire_acks)
 
     def _window_done(self, future: asyncio.Future[int]) -> None:
         assert self._window is not None
@@ -752,7 +783,7 @@ class NATSBroker(Broker):
     def _on_ack(self, subject: str, reply: str, headers: dict[str, str] | None,
                 data: bytes) -> None:
         prefix = self._ack_prefix or ""
-        future = self._acks.get(subject[len(prefix):])
+        future = self._acks.pop(subject[len(prefix):], None)
         if future is None or future.done():
             return
         if headers and headers.get(STATUS) == "503":
@@ -1077,14 +1108,6 @@ def _expire_request(future: asyncio.Future[Any], topic: str, timeout: float) -> 
         future.set_exception(RequestTimeout(f"no reply from {topic!r} within {timeout}s"))
 
 
-def _expire_ack(future: asyncio.Future[int], topic: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError(
-            f"JetStream did not acknowledge a publish to {topic!r} within {timeout}s; it may "
-            "or may not be stored (publishing the same message again is deduplicated)"
-        ))
-
-
 class _CoreChannel(BrokerSubscription):
     """A core subscription: its messages wait here and one task hands them to the bus in order.
 
@@ -1181,8 +1204,9 @@ class _JetStreamDelivery(Delivery):
 
 
 class _PullSubscription(BrokerSubscription):
-    """One group member: pulls batches from a durable consumer into a bounded buffer and hands
-    them to the bus one by one; the next pull goes out when half the batch is consumed."""
+    """One group member: pulls from a durable consumer into a bounded buffer (at most one batch
+    buffered or requested) and hands messages to the bus one by one; more is requested whenever
+    half a batch is free."""
 
     def __init__(self, broker: NATSBroker, stream: str, consumer: str,
                  handler: DeliveryHandler, prefetch: int) -> None:
@@ -1204,6 +1228,7 @@ class _PullSubscription(BrokerSubscription):
         self._expires_ns = int(broker.pull_expires * 1e9)
         self._inbox = ""
         self._closed = False
+        self._gone = False
 
     async def start(self) -> None:
         self._inbox = self._broker._conn().new_inbox()
@@ -1227,11 +1252,16 @@ class _PullSubscription(BrokerSubscription):
         status = headers.get(STATUS) if headers else None
         if status == "100":
             return  # heartbeat
-        if status == "409":
-            description = (headers or {}).get(DESCRIPTION, "")
-            if "Deleted" in description:
-                logger.warning("consumer %s on %s was deleted", self._consumer, self._stream)
-        self._outstanding = 0  # 404/408/409: that pull request is over
+        headers = headers or {}
+        if status == "409" and "Deleted" in headers.get(DESCRIPTION, "") and not self._gone:
+            self._gone = True  # each of our open pull requests says so: log it once
+            logger.warning("consumer %s on %s was deleted", self._consumer, self._stream)
+        # 408/409: one pull request is over, and the server says how much of it went unused.
+        unused = headers.get(PENDING_MESSAGES, "")
+        if unused.isdigit():
+            self._outstanding = max(self._outstanding - int(unused), 0)
+        else:
+            self._outstanding = 0
         self._wake.set()
 
     def restart_pull(self) -> None:
@@ -1240,23 +1270,26 @@ class _PullSubscription(BrokerSubscription):
         self._wake.set()
 
     async def _pull(self) -> None:
-        want = self._batch - len(self._buffer)
+        """Ask for what tops buffered + requested up to one batch. Pulls overlap: the next one
+        goes out while the last is still being filled, so messages keep flowing."""
+        want = self._batch - len(self._buffer) - self._outstanding
         if want <= 0:
             return
-        self._outstanding = want
+        self._outstanding += want
         self._last_activity = time.monotonic()
         payload = b'{"batch":%d,"expires":%d}' % (want, self._expires_ns)
+        broker = self._broker
         try:
-            await self._broker._conn().publish(self._next_subject, payload, reply=self._inbox)
+            await broker._send(broker._conn(), self._next_subject, payload, None, self._inbox)
         except Exception:
-            self._outstanding = 0
+            self._outstanding = max(self._outstanding - want, 0)
             raise
 
     async def _read(self) -> None:
         buffer = self._buffer
         handler = self._handler
         while True:
-            if self._outstanding == 0 and len(buffer) <= self._low_water:
+            if self._outstanding + len(buffer) <= self._low_water:
                 try:
                     await self._pull()
                 except NotConnected:
@@ -1295,7 +1328,7 @@ class _PullSubscription(BrokerSubscription):
         for subject, touched in list(self._held.items()):
             if now - touched >= half and subject in self._held:
                 self._held[subject] = now
-                await nc.publish(subject, _PROGRESS)
+                await self._broker._send(nc, subject, _PROGRESS, None)
         if self._outstanding and now - self._last_activity > self._broker.pull_expires + 5:
             self.restart_pull()
 
