@@ -1,13 +1,23 @@
-"""Raw nats-py baselines next to amb-core over NATS, measured in one run.
+"""Raw nats-py next to amb-core over NATS, the same work measured in one run, side by side.
 
     python benchmarks/raw_nats.py [--url nats://127.0.0.1:4222] [--messages 50000]
-        [--requests 5000] [--concurrency 50] [--runs 3]
+        [--js-messages 20000] [--requests 5000] [--concurrency 50] [--runs 5] [--only NAME]
 
-Every workload moves the same small JSON body, ``{"i": i}``; the raw rows do the work the fastest
-reasonable way with plain nats-py (orjson both ways), the amb rows go through AgentMessageBus with
-the NATS adapter (``amb_core.bench``: a plain ``await bus.publish(...)`` loop to one subscriber,
-then request/response sequential and with ``concurrency`` in flight). Each row is the median of
-``runs`` runs. Loopback only; N is bounded by the flags.
+Every workload moves the same small JSON body, ``{"i": i}``. The raw side does the work the
+fastest reasonable way with plain nats-py (orjson both ways); the amb side is ordinary user code:
+``Message(...)`` objects through ``AgentMessageBus`` with the NATS adapter at its defaults.
+
+The two sides of a pair run alternately (raw, amb, raw, amb ...) and each reports the median
+of ``--runs`` runs, so a machine that speeds up or slows down during the run (2 shared cores:
+this process and nats-server) moves both sides alike. ``cpu/msg`` is this process's CPU time
+per message or round trip. Loopback only.
+
+Pairs (raw | amb):
+- core: a publish loop to one subscriber | the same through the bus
+- js-await: ``await js.publish`` in a loop -> core subscriber | ``await bus.publish`` in a loop
+- js-pipelined: ``js.publish_async`` -> core subscriber | 100 concurrent ``bus.publish`` loops
+- js-consumer: ``publish_async`` -> push consumer acking each | 100 publishers -> group member
+- rr-sequential / rr-<concurrency>: request/response one at a time, then in flight
 """
 
 from __future__ import annotations
@@ -27,25 +37,18 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from amb_core import AgentMessageBus, Message
 from amb_core.adapters.nats import NATSBroker
 
+PUBLISHERS = 100
+
 
 @dataclass
-class Row:
-    workload: str
+class Run:
     count: int
     seconds: float
+    cpu: float
 
     @property
     def rate(self) -> float:
-        return self.count / self.seconds if self.seconds else float("inf")
-
-
-async def median(runs: int, make: Callable[[], Awaitable[Row]]) -> Row:
-    rows = [await make() for _ in range(runs)]
-    return Row(rows[0].workload, rows[0].count, statistics.median(r.seconds for r in rows))
-
-
-def _subject(kind: str) -> str:
-    return f"bench.{kind}.{uuid.uuid4().hex[:8]}"
+        return self.count / self.seconds
 
 
 class _Counter:
@@ -66,12 +69,29 @@ class _Counter:
             raise RuntimeError(f"only {self.seen} of {self.count} arrived") from None
 
 
-# --- raw nats-py ---------------------------------------------------------------------------------
+class _Clock:
+    def __enter__(self) -> _Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+    def run(self, count: int) -> Run:
+        return Run(count, self.wall, self.cpu / count)
 
 
-async def raw_core(url: str, count: int) -> Row:
+def _root() -> str:
+    return f"bench{uuid.uuid4().hex[:10]}"
+
+
+# --- raw nats-py -------------------------------------------------------------------------------
+
+
+async def raw_core(url: str, count: int) -> Run:
     nc = await nats.connect(url)
-    subject = _subject("core")
+    subject = f"{_root()}.core"
     counter = _Counter(count)
 
     async def on_msg(msg: nats.aio.msg.Msg) -> None:
@@ -80,70 +100,60 @@ async def raw_core(url: str, count: int) -> Row:
 
     await nc.subscribe(subject, cb=on_msg, pending_msgs_limit=count + 1)
     await nc.flush()
-    started = time.perf_counter()
-    for i in range(count):
-        await nc.publish(subject, orjson.dumps({"i": i}))
-    await counter.wait()
-    elapsed = time.perf_counter() - started
+    with _Clock() as clock:
+        for i in range(count):
+            await nc.publish(subject, orjson.dumps({"i": i}))
+        await counter.wait()
     await nc.close()
-    return Row("raw core: publish loop -> 1 subscriber", count, elapsed)
+    return clock.run(count)
 
 
-async def _stream(js: nats.js.JetStreamContext, root: str) -> None:
-    await js.add_stream(StreamConfig(name=f"RAWBENCH_{root}", subjects=[f"{root}.>"],
-                                     storage=StorageType.FILE, max_age=600))
-
-
-async def raw_js(url: str, count: int, mode: str) -> Row:
-    """mode: 'await' (each publish awaits its ack), 'async' (publish_async, acks pipelined);
-    consumer: a core subscription (as amb's plain subscribe), or 'push' an acking push consumer."""
+async def raw_js(url: str, count: int, mode: str) -> Run:
+    """mode: await (each publish awaits its ack) | pipelined (publish_async) -> a core
+    subscriber; consumer: publish_async -> a push consumer acking each message."""
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=4000)
-    root = f"rawjs{uuid.uuid4().hex[:8]}"
-    await _stream(js, root)
+    root = _root()
+    await js.add_stream(StreamConfig(name=f"RAWBENCH_{root}", subjects=[f"{root}.>"],
+                                     storage=StorageType.FILE, max_age=600))
     subject = f"{root}.x"
     counter = _Counter(count)
-    publish_mode, consumer = mode.split("+")
 
-    if consumer == "core":
-        async def on_core(msg: nats.aio.msg.Msg) -> None:
-            orjson.loads(msg.data)
-            counter.hit()
-        await nc.subscribe(subject, cb=on_core, pending_msgs_limit=count + 1)
-    else:
-        async def on_js(msg: nats.aio.msg.Msg) -> None:
-            orjson.loads(msg.data)
-            await msg.ack()
-            counter.hit()
+    async def on_core(msg: nats.aio.msg.Msg) -> None:
+        orjson.loads(msg.data)
+        counter.hit()
+
+    async def on_js(msg: nats.aio.msg.Msg) -> None:
+        orjson.loads(msg.data)
+        await msg.ack()
+        counter.hit()
+
+    if mode == "consumer":
         await js.subscribe(subject, cb=on_js, manual_ack=True, durable="raw",
                            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
                                                  deliver_policy=DeliverPolicy.NEW,
                                                  max_ack_pending=4000),
                            pending_msgs_limit=count + 1)
-    await nc.flush()
-    started = time.perf_counter()
-    if publish_mode == "await":
-        for i in range(count):
-            await js.publish(subject, orjson.dumps({"i": i}))
     else:
-        for i in range(count):
-            await js.publish_async(subject, orjson.dumps({"i": i}))
-        await js.publish_async_completed()
-    await counter.wait()
-    elapsed = time.perf_counter() - started
+        await nc.subscribe(subject, cb=on_core, pending_msgs_limit=count + 1)
+    await nc.flush()
+    with _Clock() as clock:
+        if mode == "await":
+            for i in range(count):
+                await js.publish(subject, orjson.dumps({"i": i}))
+        else:
+            for i in range(count):
+                await js.publish_async(subject, orjson.dumps({"i": i}))
+            await js.publish_async_completed()
+        await counter.wait()
     await js.delete_stream(f"RAWBENCH_{root}")
     await nc.close()
-    names = {
-        "await+core": "raw JetStream: await each publish -> core sub",
-        "async+core": "raw JetStream: publish_async -> core sub",
-        "async+push": "raw JetStream: publish_async -> push, ack each",
-    }
-    return Row(names[mode], count, elapsed)
+    return clock.run(count)
 
 
-async def raw_requests(url: str, count: int, concurrency: int) -> list[Row]:
+async def raw_requests(url: str, count: int, concurrency: int) -> Run:
     server, client = await nats.connect(url), await nats.connect(url)
-    subject = _subject("rpc")
+    subject = f"{_root()}.rpc"
 
     async def echo(msg: nats.aio.msg.Msg) -> None:
         await msg.respond(orjson.dumps(orjson.loads(msg.data)))
@@ -157,24 +167,19 @@ async def raw_requests(url: str, count: int, concurrency: int) -> list[Row]:
             reply = await client.request(subject, orjson.dumps({"i": i}), timeout=30)
             orjson.loads(reply.data)
 
-    started = time.perf_counter()
-    await run(count)
-    rows = [Row("raw request/response, sequential", count, time.perf_counter() - started)]
     per = max(count // concurrency, 1)
-    started = time.perf_counter()
-    await asyncio.gather(*(run(per) for _ in range(concurrency)))
-    rows.append(Row(f"raw request/response, {concurrency} in flight", per * concurrency,
-                    time.perf_counter() - started))
+    with _Clock() as clock:
+        await asyncio.gather(*(run(per) for _ in range(concurrency)))
     await server.close()
     await client.close()
-    return rows
+    return clock.run(per * concurrency)
 
 
-# --- amb-core over NATS ---------------------------------------------------------------------------
+# --- amb-core over NATS -------------------------------------------------------------------------
 
 
 async def amb_throughput(url: str, count: int, *, jetstream: bool = False,
-                         gather: int = 0, group: bool = False, label: str) -> Row:
+                         publishers: int = 1, group: bool = False) -> Run:
     broker = NATSBroker(servers=[url], use_jetstream=jetstream)
     async with AgentMessageBus(broker=broker) as bus:
         counter = _Counter(count)
@@ -182,34 +187,76 @@ async def amb_throughput(url: str, count: int, *, jetstream: bool = False,
         async def on_msg(msg: Message) -> None:
             counter.hit()
 
-        topic = _subject("amb")
-        await bus.subscribe(topic, on_msg, consumer_group="bench" if group else None)
-        started = time.perf_counter()
-        if gather:
-            async def publisher(start: int) -> None:
-                for i in range(start, count, gather):
-                    await bus.publish(Message(topic=topic, payload={"i": i}))
-            await asyncio.gather(*(publisher(p) for p in range(gather)))
-        else:
-            for i in range(count):
+        topic = f"{_root()}.x"
+        sub = await bus.subscribe(topic, on_msg, consumer_group="bench" if group else None)
+
+        async def publisher(start: int) -> None:
+            for i in range(start, count, publishers):
                 await bus.publish(Message(topic=topic, payload={"i": i}))
-        await counter.wait()
-        elapsed = time.perf_counter() - started
-    return Row(label, count, elapsed)
+
+        with _Clock() as clock:
+            await asyncio.gather(*(publisher(p) for p in range(publishers)))
+            await counter.wait()
+        await sub.unsubscribe()
+        if jetstream:
+            js = broker._conn().jetstream()
+            await js.delete_stream(await broker._stream_for(topic))
+    return clock.run(count)
 
 
-async def amb_harness(url: str, messages: int, requests: int, concurrency: int,
-                      runs: int) -> list[Row]:
-    """The lead's harness (amb bench), when present."""
-    from amb_core import bench
+async def amb_requests(url: str, count: int, concurrency: int) -> Run:
+    async with AgentMessageBus(broker=NATSBroker(servers=[url])) as server, \
+            AgentMessageBus(broker=NATSBroker(servers=[url])) as client:
+        topic = f"{_root()}.rpc"
 
-    rows: list[Row] = []
-    for name, broker_url in (("core", url), ("JetStream", f"{url}?jetstream=true")):
-        result = await bench.median_of(runs, lambda u=broker_url: bench.throughput(u, messages))
-        rows.append(Row(f"amb bench {name}: publish loop -> 1 sub", result.count, result.seconds))
-    for result in await bench.requests(url, requests, concurrency):
-        rows.append(Row(f"amb bench {result.workload}", result.count, result.seconds))
-    return rows
+        async def echo(msg: Message) -> object:
+            return msg.payload
+
+        await server.subscribe(topic, echo)  # one at a time, as nats-py runs a callback
+        await client.request(Message(topic=topic, payload={}), timeout=5)
+
+        async def run(n: int) -> None:
+            for i in range(n):
+                await client.request(Message(topic=topic, payload={"i": i}), timeout=30)
+
+        per = max(count // concurrency, 1)
+        with _Clock() as clock:
+            await asyncio.gather(*(run(per) for _ in range(concurrency)))
+    return clock.run(per * concurrency)
+
+
+# --- pairs ----------------------------------------------------------------------------------------
+
+
+Make = Callable[[], Awaitable[Run]]
+
+
+def pairs(url: str, n: int, jn: int, requests: int,
+          concurrency: int) -> dict[str, tuple[str, Make, str, Make]]:
+    await_n = min(jn, 5_000)
+    seq_n = min(requests, 3_000)
+    return {
+        "core": ("publish loop -> 1 subscriber", lambda: raw_core(url, n),
+                 "publish loop -> 1 subscriber", lambda: amb_throughput(url, n)),
+        "js-await": ("await js.publish loop -> core sub", lambda: raw_js(url, await_n, "await"),
+                     "await bus.publish loop", lambda: amb_throughput(url, await_n,
+                                                                      jetstream=True)),
+        "js-pipelined": ("js.publish_async -> core sub", lambda: raw_js(url, jn, "pipelined"),
+                         f"{PUBLISHERS} concurrent publishers -> sub",
+                         lambda: amb_throughput(url, jn, jetstream=True,
+                                                publishers=PUBLISHERS)),
+        "js-consumer": ("publish_async -> push consumer, ack each",
+                        lambda: raw_js(url, jn, "consumer"),
+                        f"{PUBLISHERS} publishers -> group member",
+                        lambda: amb_throughput(url, jn, jetstream=True,
+                                               publishers=PUBLISHERS, group=True)),
+        "rr-sequential": ("request/response, sequential", lambda: raw_requests(url, seq_n, 1),
+                          "request/response, sequential", lambda: amb_requests(url, seq_n, 1)),
+        f"rr-{concurrency}": (f"request/response, {concurrency} in flight",
+                              lambda: raw_requests(url, requests, concurrency),
+                              f"request/response, {concurrency} in flight",
+                              lambda: amb_requests(url, requests, concurrency)),
+    }
 
 
 async def main() -> None:
@@ -219,40 +266,28 @@ async def main() -> None:
     parser.add_argument("--js-messages", type=int, default=20_000)
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", choices=["raw", "amb", "all"], default="all")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", action="append", help="a pair's name; repeatable")
     args = parser.parse_args()
-    n, jn, runs, url = min(args.messages, 1_000_000), min(args.js_messages, 200_000), args.runs, \
-        args.url
-    rows: list[Row] = []
-    if args.only in ("raw", "all"):
-        rows.append(await median(runs, lambda: raw_core(url, n)))
-        for mode in ("await+core", "async+core", "async+push"):
-            count = jn if mode != "await+core" else min(jn, 5_000)
-            rows.append(await median(runs, lambda m=mode, c=count: raw_js(url, c, m)))
-        rows.extend(await raw_requests(url, args.requests, args.concurrency))
-    if args.only in ("amb", "all"):
-        rows.append(await median(runs, lambda: amb_throughput(
-            url, n, label="amb core: publish loop -> 1 subscriber")))
-        rows.append(await median(runs, lambda: amb_throughput(
-            url, min(jn, 5_000), jetstream=True,
-            label="amb JetStream: publish loop -> core sub")))
-        rows.append(await median(runs, lambda: amb_throughput(
-            url, jn, jetstream=True, gather=100,
-            label="amb JetStream: 100 publishers -> core sub")))
-        rows.append(await median(runs, lambda: amb_throughput(
-            url, jn, jetstream=True, gather=100, group=True,
-            label="amb JetStream: 100 publishers -> group")))
-        try:
-            import amb_core.bench  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            rows.extend(await amb_harness(url, n, args.requests, args.concurrency, runs))
-    print(f"nats: {url}  (median of {runs} runs)")
-    print(f"{'workload':<52} {'count':>8} {'seconds':>8} {'msg/s':>10}")
-    for row in rows:
-        print(f"{row.workload:<52} {row.count:>8,} {row.seconds:>8.3f} {row.rate:>10,.0f}")
+    n, jn = min(args.messages, 1_000_000), min(args.js_messages, 200_000)
+    table = pairs(args.url, n, jn, min(args.requests, 100_000), args.concurrency)
+    print(f"nats: {args.url}  (each side: median of {args.runs} runs, raw and amb alternating)")
+    print(f"{'pair':<14} {'raw nats-py':<42} {'per s':>9} {'cpu/msg':>8}   "
+          f"{'amb-core':<38} {'per s':>9} {'cpu/msg':>8}  {'amb/raw':>7}")
+    for name, (raw_label, raw, amb_label, amb) in table.items():
+        if args.only and name not in args.only:
+            continue
+        raw_runs, amb_runs = [], []
+        for _ in range(args.runs):
+            raw_runs.append(await raw())
+            amb_runs.append(await amb())
+        raw_rate = statistics.median(r.rate for r in raw_runs)
+        amb_rate = statistics.median(r.rate for r in amb_runs)
+        raw_cpu = statistics.median(r.cpu for r in raw_runs) * 1e6
+        amb_cpu = statistics.median(r.cpu for r in amb_runs) * 1e6
+        print(f"{name:<14} {raw_label:<42} {raw_rate:>9,.0f} {raw_cpu:>6.1f}us   "
+              f"{amb_label:<38} {amb_rate:>9,.0f} {amb_cpu:>6.1f}us  {amb_rate / raw_rate:>7.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

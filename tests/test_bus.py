@@ -246,3 +246,16 @@ async def test_invalid_subscribe_options() -> None:
             await bus.subscribe("a", "not callable")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+
+
+def test_message_copy_changes_fields_and_owns_its_headers() -> None:
+    original = Message(topic="a", payload={"x": 1}, headers={"h": "1"}, correlation_id="c")
+    original.position = 7
+    clone = original.copy(topic="b", attempt=3)
+    assert (clone.topic, clone.attempt, clone.position) == ("b", 3, 7)
+    assert (clone.id, clone.timestamp, clone.correlation_id) == (
+        original.id, original.timestamp, "c")
+    clone.headers["h"] = "2"
+    assert original.headers == {"h": "1"} and original.topic == "a" and original.attempt == 1
+    with pytest.raises(TypeError):
+        original.copy(nope=1)

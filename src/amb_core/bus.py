@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Awaitable[Any]] | Callable[[Message], Any]
+_NOTHING_TO_ACK = Delivery.ack
+"""Deliveries that keep the base class's ack (core NATS, Redis pub/sub) skip the await."""
 INBOX_PREFIX = "_amb.inbox."
 
 
@@ -146,7 +148,7 @@ class Subscription:
                         probe.stats.succeeded += 1
                     if result is not None and msg.reply_to is not None:
                         await bus._send_reply(msg, result)
-                    if not bus._local:
+                    if not bus._local and type(delivery).ack is not _NOTHING_TO_ACK:
                         await bus._ack(delivery)
             finally:
                 self._busy -= 1
@@ -413,7 +415,7 @@ class AgentMessageBus:
     async def _succeeded(self, msg: Message, delivery: Delivery, result: Any) -> None:
         if result is not None and msg.reply_to is not None:
             await self._send_reply(msg, result)
-        if not self._local:
+        if not self._local and type(delivery).ack is not _NOTHING_TO_ACK:
             await self._ack(delivery)
 
     async def _recover(

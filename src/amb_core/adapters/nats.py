@@ -190,13 +190,18 @@ def parse_header_block(block: bytes) -> dict[str, str]:
     first_line_end = block.find(b"\r\n")
     if first_line_end < 0:
         first_line_end = len(block)
-    headers = parse_header_lines(block[first_line_end + 2:])
-    if first_line_end > 8:  # an inline status: NATS/1.0 503, NATS/1.0 100 Idle Heartbeat
-        status, _, description = block[9:first_line_end].decode("utf-8", "replace").partition(" ")
-        if status.isdigit():
-            headers[STATUS] = status
-        if description:
-            headers[DESCRIPTION] = description.strip()
+    lines = parse_header_lines(block[first_line_end + 2:])
+    if first_line_end <= 8:
+        return lines
+    # An inline status (NATS/1.0 503, NATS/1.0 100 Idle Heartbeat); header lines of the same
+    # names win, as in nats-py.
+    status, _, description = block[9:first_line_end].decode("utf-8", "replace").partition(" ")
+    headers = {}
+    if status.isdigit():
+        headers[STATUS] = status
+    if description:
+        headers[DESCRIPTION] = description.strip()
+    headers.update(lines)
     return headers
 
 
