@@ -296,10 +296,7 @@ class AgentMessageBus:
             self._require_connected()
         topic = msg.topic
         if topic not in self._checked_topics:
-            validate_topic(topic)
-            if len(self._checked_topics) > 10_000:
-                self._checked_topics.clear()
-            self._checked_topics.add(topic)
+            self._check_topic(topic)
         obs = self._observer
         span = obs.publishing(msg) if obs is not None and obs.tracing is not None else None
         try:
@@ -325,6 +322,13 @@ class AgentMessageBus:
                 stats.published += 1  # BusObserver.published's common case, inlined
             else:
                 obs.published(msg, span)
+
+    def _check_topic(self, topic: str) -> None:
+        """ValueError for an invalid topic; valid ones are remembered (hot path)."""
+        validate_topic(topic)
+        if len(self._checked_topics) > 10_000:
+            self._checked_topics.clear()
+        self._checked_topics.add(topic)
 
     def _encode(self, msg: Message) -> tuple[bytes, dict[str, str]]:
         if self._headers:
@@ -563,7 +567,8 @@ class AgentMessageBus:
         """Publish ``msg`` and wait for its reply. Raises :class:`RequestTimeout`
         (a ``TimeoutError``) when none comes within ``timeout`` seconds."""
         self._require_connected()
-        validate_topic(msg.topic)
+        if msg.topic not in self._checked_topics:
+            self._check_topic(msg.topic)
         timeout = self.request_timeout if timeout is None else timeout
         request = msg.copy(correlation_id=msg.correlation_id or msg.id)
         if self._observer is not None:  # round-trip metrics and a CLIENT span around it all
