@@ -1,7 +1,6 @@
-"""The NATS adapter's own wire code, checked against nats-py's: the protocol parser that stands in
-for nats-py's on the adapter's connections, and the header encoder/parser.
-
-These need no server: they compare the two implementations on the same bytes. The contract suite
+"""The NATS adapter's own machinery, checked without a server: the protocol parser that stands in
+for nats-py's on the adapter's connections and the header encoder/parser (both compared with
+nats-py's own on the same bytes), and the timeouts of acks and requests. The contract suite
 (tests/test_contract_nats.py) runs the same code against the real server.
 """
 
@@ -21,6 +20,7 @@ from nats.protocol.parser import Parser
 
 from amb_core.adapters.nats import (
     FastParser,
+    _Deadlines,
     encode_headers,
     parse_header_block,
 )
@@ -162,3 +162,26 @@ def test_info_is_still_nats_py_s() -> None:
     info = {"server_id": "x", "connect_urls": ["a:4222"]}
     feed(fast_parser(recorder), b"INFO " + json.dumps(info).encode() + b"\r\nPING\r\n", [7])
     assert recorder.events == [("info", info), ("ping",)]
+
+
+async def test_deadlines_expire_what_is_still_pending_in_deadline_order() -> None:
+    deadlines = _Deadlines()
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(3000)]
+    expired: list[int] = []
+
+    def expire(index: int, future: asyncio.Future[None]) -> None:
+        expired.append(index)
+        future.set_exception(TimeoutError())
+
+    for index, future in enumerate(futures):  # odd: short timeouts, even: longer ones
+        deadlines.add(0.05 if index % 2 else 0.3, future, functools.partial(expire, index))
+    for future in futures[::3]:
+        future.set_result(None)  # settled in time: never expired
+    await asyncio.wait(futures, timeout=10)
+    assert all(future.done() for future in futures)
+    assert sorted(expired) == [i for i in range(3000) if i % 3]
+    shorts = sum(1 for i in expired if i % 2)
+    assert all(i % 2 for i in expired[:shorts]) and not any(i % 2 for i in expired[shorts:])
+    assert len(deadlines) == 0 and not deadlines._heap
+    assert deadlines._timer is None

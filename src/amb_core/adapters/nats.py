@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import heapq
 import itertools
 import logging
 import re
@@ -445,8 +447,8 @@ class NATSBroker(Broker):
         self._response_lock = asyncio.Lock()
         self._acks: dict[str, asyncio.Future[int]] = {}
         """ack token -> its publish's future, while the ack is outstanding"""
-        self._ack_deadlines: deque[tuple[float, str, str]] = deque()
-        self._ack_timer: asyncio.TimerHandle | None = None
+        self._deadlines = _Deadlines()
+        """timeouts of outstanding publish acks and requests"""
         self._ack_prefix: str | None = None
         self._ack_lock = asyncio.Lock()
         self._window: asyncio.Semaphore | None = None
@@ -584,10 +586,7 @@ class NATSBroker(Broker):
                 future.set_exception(NotConnected("the NATS connection was closed"))
         self._responses.clear()
         self._acks.clear()
-        self._ack_deadlines.clear()
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        self._deadlines.clear()
         self._response_prefix = None
         self._ack_prefix = None
         self._streams.clear()
@@ -703,7 +702,8 @@ class NATSBroker(Broker):
                 await window.acquire()
                 future.add_done_callback(self._window_done)
             self._acks[token] = future
-            self._ack_deadline(token, topic)
+            self._deadlines.add(self.publish_timeout, future,
+                                functools.partial(self._ack_expired, token, topic))
             try:
                 await self._send(nc, topic, body, headers, prefix + token)
             except Exception as exc:
@@ -725,35 +725,13 @@ class NATSBroker(Broker):
                 self._forget_stream(topic)
                 await self._stream_for(topic)
 
-    def _ack_deadline(self, token: str, topic: str) -> None:
-        """One timer for all outstanding acks, not one per publish: deadlines come in the order
-        of the publishes, so the front of the queue is always the next to expire."""
-        deadlines, acks = self._ack_deadlines, self._acks
-        while deadlines and deadlines[0][1] not in acks:
-            deadlines.popleft()  # acknowledged since
-        loop = asyncio.get_running_loop()
-        deadlines.append((loop.time() + self.publish_timeout, token, topic))
-        if self._ack_timer is None:
-            self._ack_timer = loop.call_at(deadlines[0][0], self._expire_acks)
-
-    def _expire_acks(self) -> None:
-        self._ack_timer = None
-        deadlines, acks = self._ack_deadlines, self._acks
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while deadlines:
-            deadline, token, topic = deadlines[0]
-            if token in acks:
-                if deadline > now:
-                    break
-                acks.pop(token).set_exception(TimeoutError(
-                    f"JetStream did not acknowledge a publish to {topic!r} within "
-                    f"{self.publish_timeout}s; it may or may not be stored (publishing the same "
-                    "message again is deduplicated)"
-                ))
-            deadlines.popleft()
-        if deadlines:
-            self._ack_timer = loop.call_at(deadlines[0][0], self._expire_acks)
+    def _ack_expired(self, token: str, topic: str, future: asyncio.Future[int]) -> None:
+        self._acks.pop(token, None)
+        future.set_exception(TimeoutError(
+            f"JetStream did not acknowledge a publish to {topic!r} within "
+            f"{self.publish_timeout}s; it may or may not be stored (publishing the same "
+            "message again is deduplicated)"
+        ))
 
     def _window_done(self, future: asyncio.Future[int]) -> None:
         assert self._window is not None
@@ -989,7 +967,7 @@ class NATSBroker(Broker):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
         self._responses[token] = future
-        timer = loop.call_later(timeout, _expire_request, future, topic, timeout)
+        self._deadlines.add(timeout, future, functools.partial(_request_expired, topic, timeout))
         try:
             await self._send(nc, topic, body, headers, inbox)
             data, reply_headers = await future
@@ -1000,7 +978,6 @@ class NATSBroker(Broker):
         except Exception as exc:
             raise self._publish_error(exc, topic) from exc
         finally:
-            timer.cancel()
             self._responses.pop(token, None)
         if reply_headers is None:
             reply_headers = {}
@@ -1108,9 +1085,75 @@ def _is_pub_ack(data: bytes, headers: dict[str, str] | None) -> bool:
     )
 
 
-def _expire_request(future: asyncio.Future[Any], topic: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(RequestTimeout(f"no reply from {topic!r} within {timeout}s"))
+def _request_expired(topic: str, timeout: float, future: asyncio.Future[Any]) -> None:
+    future.set_exception(RequestTimeout(f"no reply from {topic!r} within {timeout}s"))
+
+
+class _Deadlines:
+    """Timeouts of many futures on one event-loop timer.
+
+    ``loop.call_later`` per publish or request, then cancelling it, was a visible share of
+    either: a TimerHandle, a push on the loop's heap and a cancel each time. Here a future and
+    what to do if it is still pending at its deadline go on our own heap; one timer, for the
+    earliest deadline, expires what is due. Settled futures are dropped as they surface, and
+    in bulk every ``_PRUNE_EVERY`` additions, so the heap holds about what is pending.
+    """
+
+    _PRUNE_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[Any],
+                               Callable[[asyncio.Future[Any]], None]]] = []
+        self._sequence = itertools.count()
+        self._added = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def add(self, timeout: float, future: asyncio.Future[Any],
+            expire: Callable[[asyncio.Future[Any]], None]) -> None:
+        """``expire(future)`` runs at ``timeout`` seconds from now if ``future`` is not done."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        heapq.heappush(self._heap, (deadline, next(self._sequence), future, expire))
+        self._added += 1
+        if self._added >= self._PRUNE_EVERY:
+            self._added = 0
+            self._heap = [entry for entry in self._heap if not entry[2].done()]
+            heapq.heapify(self._heap)
+        if self._timer is None or deadline < self._timer_at:
+            self._schedule(loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        heap = self._heap
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        if heap:
+            self._timer_at = heap[0][0]
+            self._timer = loop.call_at(self._timer_at, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # the loop may run a timer a hair early: no spinning on it
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, future, expire = heapq.heappop(heap)
+            if not future.done():
+                expire(future)
+        self._schedule(loop)
+
+    def clear(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+
+    def __len__(self) -> int:
+        """Futures still pending (for tests)."""
+        return sum(1 for entry in self._heap if not entry[2].done())
 
 
 class _CoreChannel(BrokerSubscription):
