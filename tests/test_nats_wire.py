@@ -44,7 +44,8 @@ class Recorder:
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes | None) -> None:
-        self.events.append(("msg", sid, subject.decode(), reply.decode(), data,
+        self.events.append(("msg", sid, subject.decode("utf-8", "replace"),
+                            reply.decode("utf-8", "replace"), data,
                             None if headers is None else parse_header_block(headers)))
 
     async def _process_ping(self) -> None:
@@ -119,7 +120,8 @@ def test_parser_agrees_with_nats_py_however_the_bytes_are_split(ops: list[bytes]
 
 
 @pytest.mark.parametrize("line", [b"FOO bar\r\n", b"MSG subject notasid 3\r\nabc\r\n",
-                                  b"HMSG a 1 2\r\n"])
+                                  b"HMSG a 1 2\r\n", b"MSG a 1 -40\r\nabc\r\n",
+                                  b"HMSG a 1 20 12\r\nNATS/1.0\r\n\r\n\r\n"])
 def test_parser_refuses_what_is_not_the_protocol(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         feed(fast_parser(Recorder()), line, [])
@@ -185,3 +187,27 @@ async def test_deadlines_expire_what_is_still_pending_in_deadline_order() -> Non
     assert all(i % 2 for i in expired[:shorts]) and not any(i % 2 for i in expired[shorts:])
     assert len(deadlines) == 0 and not deadlines._heap
     assert deadlines._timer is None
+
+
+def test_a_subject_that_is_not_utf8_is_delivered_not_fatal() -> None:
+    recorder = Recorder()
+    feed(fast_parser(recorder), b"MSG a.\xff 1 2\r\nhi\r\nPING\r\n", [])
+    assert recorder.events == [("msg", 1, "a.\ufffd", "", b"hi", None), ("ping",)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=st.sampled_from([b"MSG ", b"HMSG "]),
+       args=st.lists(st.one_of(st.integers(-5, 40).map(lambda i: str(i).encode()),
+                               st.binary(min_size=1, max_size=6).filter(
+                                   lambda b: not any(c in b for c in b" \t\r\n"))),
+                     max_size=6),
+       tail=st.binary(max_size=60).filter(lambda b: b"INFO" not in b))  # INFO: nats-py's
+def test_garbled_messages_raise_protocol_error_or_pass(head: bytes, args: list[bytes],
+                                                        tail: bytes) -> None:
+    """A broken MSG/HMSG line never hangs the parser or escapes as anything but ProtocolError."""
+    recorder = Recorder()
+    try:
+        feed(fast_parser(recorder), head + b" ".join(args) + b"\r\n" + tail, [])
+    except ProtocolError:
+        return
+    assert len(recorder.events) <= 1 + tail.count(b"\r\n")  # and it got here: no loop

@@ -274,6 +274,8 @@ class FastParser:
                 size = int(args[-1])
                 if header_size:
                     header_size = int(args[-2])
+                if not 0 <= header_size <= size:
+                    raise ValueError
                 subject, sid = args[0], int(args[1])
                 reply = args[2] if len(args) > fields else b""
             except ValueError:
@@ -293,13 +295,13 @@ class FastParser:
                 continue
             name = subjects.get(subject)
             if name is None:
-                name = subject.decode()
+                name = subject.decode("utf-8", "replace")  # a foreign subject: never fatal
                 if len(subjects) > 1024:
                     subjects.clear()
                 subjects[subject] = name
             try:
                 route(
-                    name, reply.decode() if reply else "",
+                    name, reply.decode("utf-8", "replace") if reply else "",
                     parse_header_block(data[start:start + header_size])
                     if header_size else None,
                     data[start + header_size:stop],
