@@ -276,7 +276,7 @@ async def test_long_handler_kept_alive_with_in_progress_acks(topic: str) -> None
 CRASHING_MEMBER = textwrap.dedent("""
     import asyncio, sys
     from amb_core import AgentMessageBus
-    from amb_core.adapters.nats import NATSBroker, flush_in_order
+    from amb_core.adapters.nats import NATSBroker
 
     async def main():
         bus = AgentMessageBus(broker=NATSBroker(servers=[sys.argv[1]], use_jetstream=True,
