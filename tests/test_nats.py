@@ -370,6 +370,24 @@ async def test_concurrent_publishes_pipeline_their_acks(topic: str) -> None:
         assert sorted(stored) == list(range(-1, 500))
 
 
+def all_threads_stopped(pid: int) -> bool:
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                return False
+    return True
+
+
+async def stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until the kernel reports every thread of the process stopped (SIGSTOP is delivered
+    asynchronously, thread by thread)."""
+    deadline = time.monotonic() + timeout
+    while not all_threads_stopped(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
 async def test_unacknowledged_publish_times_out_and_nothing_is_left_waiting(
     private_nats: PrivateNATS,
 ) -> None:
@@ -381,6 +399,7 @@ async def test_unacknowledged_publish_times_out_and_nothing_is_left_waiting(
         assert private_nats.process is not None
         private_nats.process.send_signal(signal.SIGSTOP)
         try:
+            await stopped(private_nats.process.pid)
             started = time.monotonic()
             results = await asyncio.gather(
                 *(bus.publish(Message(topic="frozen.x", payload=i)) for i in range(20)),
