@@ -313,9 +313,7 @@ class FastParser:
 
 
 def _protocol_error(text: str) -> Exception:
-    from nats.errors import ProtocolError
-
-    return ProtocolError(text)
+    return _nats_errors().ProtocolError(text)  # type: ignore[no-any-return]
 
 
 _FAST_PATH_ATTRIBUTES = (
@@ -982,10 +980,7 @@ class NATSBroker(Broker):
             raise self._publish_error(exc, topic) from exc
         finally:
             self._responses.pop(token, None)
-        if reply_headers is None:
-            reply_headers = {}
-        reply_headers.pop(MSG_ID, None)
-        return Delivery(topic, data, reply_headers)
+        return Delivery(topic, data, _delivered_headers(reply_headers))
 
     async def _init_responses(self) -> str:
         async with self._response_lock:
@@ -1042,9 +1037,7 @@ class NATSBroker(Broker):
             while True:
                 msg = await sub.next_msg(timeout=max(self.publish_timeout, 5.0))
                 metadata = msg.metadata
-                headers = msg.headers or {}
-                headers.pop(MSG_ID, None)
-                yield Delivery(msg.subject, msg.data, headers,
+                yield Delivery(msg.subject, msg.data, _delivered_headers(msg.headers),
                                position=metadata.sequence.stream,
                                delivery_count=metadata.num_delivered)
                 if metadata.num_pending == 0:
@@ -1080,6 +1073,16 @@ async def flush_in_order(nc: Client, timeout: float = 10.0) -> None:
     if flush_pending is not None and getattr(nc, "_pending_data_size", 1) > 0:
         await asyncio.wait_for(flush_pending(force_flush=True), timeout)
     await nc.flush(timeout=max(int(timeout), 1))
+
+
+def _delivered_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """A delivery's headers as the bus gets them: ``Nats-Msg-Id`` is the adapter's own (dedup),
+    so user headers round-trip unchanged."""
+    if headers is None:
+        return {}
+    if MSG_ID in headers:
+        del headers[MSG_ID]
+    return headers
 
 
 def _is_pub_ack(data: bytes, headers: dict[str, str] | None) -> bool:
@@ -1210,13 +1213,9 @@ class _CoreChannel(BrokerSubscription):
                 continue
             subject, reply, headers, data = queue.popleft()
             self._bytes -= len(data)
-            if headers is None:
-                headers = {}
-            elif MSG_ID in headers:
-                del headers[MSG_ID]
             try:
                 await handler(Delivery(
-                    subject, data, headers,
+                    subject, data, _delivered_headers(headers),
                     reply_to=reply if reply and not reply.startswith(marker) else None,
                 ))
             except Exception:
@@ -1358,12 +1357,8 @@ class _PullSubscription(BrokerSubscription):
             # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the
             # longer form with domain and account hash (tokens counted from the end).
             delivered, sequence = int(tokens[-5]), int(tokens[-4])
-            if headers is None:
-                headers = {}
-            elif MSG_ID in headers:
-                del headers[MSG_ID]
-            await handler(_JetStreamDelivery(self, subject, reply, data, headers, delivered,
-                                             sequence))
+            await handler(_JetStreamDelivery(self, subject, reply, data,
+                                             _delivered_headers(headers), delivered, sequence))
 
     async def settle(self, ack_subject: str, payload: bytes) -> None:
         if self._held.pop(ack_subject, None) is None and self._closed:
