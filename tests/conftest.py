@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.servers import PrivateNATS, PrivateRabbit, PrivateRedis
 
 
 def required_brokers() -> set[str]:
@@ -33,3 +38,46 @@ def require_server(name: str, host: str, port: int) -> None:
     if name in required_brokers():
         pytest.fail(f"{message}, and AMB_REQUIRE_BROKERS requires it", pytrace=False)
     pytest.skip(message)
+
+
+# --- private servers (tests/servers.py), for tests that restart or break one -----------------
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[PrivateRedis]:
+    from tests.servers import PrivateRedis
+
+    server = PrivateRedis()
+    try:
+        await server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def private_nats() -> Iterator[PrivateNATS]:
+    from tests.servers import PrivateNATS
+
+    server = PrivateNATS()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    from tests.servers import HOST, PrivateRabbit
+
+    require_server("rabbitmq", HOST, 5672)
+    reason = PrivateRabbit.available()
+    if reason is not None:
+        pytest.skip(reason)
+    node = PrivateRabbit()
+    try:
+        node.start()
+        yield node
+    finally:
+        node.remove()

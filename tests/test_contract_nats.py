@@ -6,17 +6,11 @@ restarts a private nats-server (its own port and -sd directory) mid-stream.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from tests.conftest import require_server
+from tests.servers import PrivateNATS
 
 from amb_core.adapters.nats import NATSBroker, flush_in_order
 from amb_core.testing import BrokerContract
@@ -26,72 +20,6 @@ URL = f"nats://{HOST}:{PORT}"
 # Short enough that a crashed member's message comes back within the suite's waits.
 TEST_ACK_WAIT = 3.0
 TEST_STREAM_MAX_AGE = 3600.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateNATS:
-    """A nats-server of our own (JetStream on, its own store dir), to restart at will."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.store = tempfile.mkdtemp(prefix="amb-nats-")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.extra_args: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"nats://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        binary = shutil.which("nats-server")
-        if binary is None:
-            pytest.skip("nats-server binary not found")
-        self.process = subprocess.Popen(
-            [binary, "-a", HOST, "-p", str(self.port), "-js", "-sd", self.store,
-             *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("private nats-server did not start within 10s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    async def restart(self) -> None:
-        await asyncio.to_thread(self.stop)
-        await asyncio.to_thread(self.start)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.store, ignore_errors=True)
-
-
-@pytest.fixture
-def private_nats() -> Iterator[PrivateNATS]:
-    server = PrivateNATS()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 def make_broker(url: str, jetstream: bool, **options: object) -> NATSBroker:

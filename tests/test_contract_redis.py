@@ -2,83 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from tests.conftest import port_open, require_server
+from tests.servers import PrivateRedis
 
 from amb_core.adapters import RedisBroker
 from amb_core.testing import BrokerContract
 
 HOST, PORT = "127.0.0.1", 6379
 URL = f"redis://{HOST}:{PORT}/0"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A redis-server of our own on a free port, with an append-only file fsynced on every
-    write (so a restart loses nothing), in a temporary directory."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="amb-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    async def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.process = subprocess.Popen(  # noqa: ASYNC220 - starts at once, never waits
-            [binary, "--bind", HOST, "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.1):
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError("the private redis-server did not start")
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: redis-server fsyncs the AOF and exits
-            await asyncio.to_thread(self.process.wait, 10)
-        self.process = None
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    def cleanup(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-async def private_redis() -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis()
-    try:
-        await server.start()
-        yield server
-    finally:
-        server.cleanup()
 
 
 class TestRedisContract(BrokerContract):

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from tests.conftest import require_server
-from tests.test_contract_nats import HOST, PORT, URL, PrivateNATS, free_port, private_nats
+from tests.servers import PrivateNATS, free_port
+from tests.test_contract_nats import HOST, PORT, URL
 
 from amb_core import AgentMessageBus, Message, RetryPolicy
 from amb_core.adapters import broker_from_url
@@ -24,8 +25,6 @@ from amb_core.adapters.nats import NATSBroker, flush_in_order
 from amb_core.errors import BrokerConnectionError, NoResponders, RequestTimeout
 from amb_core.retry import ATTEMPTS, ORIGINAL_TOPIC
 from amb_core.testing.contract import Collector
-
-__all__ = ["private_nats"]  # the fixture, re-exported for pytest
 
 WAIT = 10.0
 

@@ -9,13 +9,13 @@ import uuid
 from typing import Any
 
 import pytest
+from tests.conftest import require_server
+from tests.test_contract_rabbitmq import EXCHANGE, HOST, PORT, URL, test_broker
 
 from amb_core import AgentMessageBus, Message
 from amb_core.adapters import RabbitMQBroker, broker_from_url
 from amb_core.adapters.rabbitmq import binding_key
 from amb_core.errors import BrokerConnectionError, NoResponders, UnsupportedFeature
-from conftest import require_server
-from test_contract_rabbitmq import EXCHANGE, HOST, PORT, URL, test_broker
 
 
 @pytest.fixture

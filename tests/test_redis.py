@@ -16,14 +16,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as redis
 from tests.conftest import require_server
-from tests.test_contract_redis import (  # noqa: F401
-    HOST,
-    PORT,
-    URL,
-    PrivateRedis,
-    free_port,
-    private_redis,
-)
+from tests.servers import PrivateRedis, free_port
+from tests.test_contract_redis import HOST, PORT, URL
 
 from amb_core import AgentMessageBus, BrokerConnectionError, Message, RetryPolicy
 from amb_core.adapters import RedisBroker, broker_from_url
@@ -275,7 +269,7 @@ def test_url_password_never_in_repr() -> None:
 
 
 async def test_password_url_and_refused_connection(
-    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture  # noqa: F811
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     admin = redis.Redis.from_url(private_redis.url)
     await admin.config_set("requirepass", "s3cret-pw")
@@ -296,7 +290,7 @@ async def test_password_url_and_refused_connection(
     assert "s3cret-pw" not in caplog.text
 
 
-async def test_idle_means_idle(private_redis: PrivateRedis) -> None:  # noqa: F811
+async def test_idle_means_idle(private_redis: PrivateRedis) -> None:
     """Subscribed but idle: blocking reads, not a polling loop (few commands per second)."""
     broker = RedisBroker(private_redis.url, block_timeout=10.0, claim_idle=30.0)
     async with AgentMessageBus(broker=broker) as bus:
@@ -312,7 +306,7 @@ async def test_idle_means_idle(private_redis: PrivateRedis) -> None:  # noqa: F8
 
 
 async def test_streams_lose_nothing_across_a_restart(
-    private_redis: PrivateRedis,  # noqa: F811
+    private_redis: PrivateRedis,
 ) -> None:
     broker = RedisBroker(private_redis.url, claim_idle=1.0)
     async with AgentMessageBus(broker=broker) as bus:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from conftest import port_open, required_brokers
+from tests.conftest import port_open, required_brokers
 
 PORTS = {"redis": 6379, "nats": 4222, "rabbitmq": 5672}
 

@@ -58,7 +58,7 @@ async def test_buffer_readers_that_yield_share_the_items() -> None:
         await asyncio.sleep(0)
     for task in tasks:
         task.cancel()
-    assert sorted(sum(taken.values(), [])) == list(range(30))
+    assert sorted(item for items in taken.values() for item in items) == list(range(30))
     assert all(len(items) >= 5 for items in taken.values()), taken
 
 
@@ -67,11 +67,13 @@ async def test_buffer_readers_that_yield_share_the_items() -> None:
 
 async def test_pump_delivers_in_order_and_put_applies_backpressure() -> None:
     got: list[int] = []
-    release = asyncio.Event()
+    release, four = asyncio.Event(), asyncio.Event()
 
     async def deliver(item: int) -> None:
         await release.wait()
         got.append(item)
+        if len(got) == 4:
+            four.set()
 
     pump: Pump[int] = Pump(deliver, max_items=2, name="t")
     for i in range(3):  # one in the worker's hands, two buffered
@@ -81,8 +83,7 @@ async def test_pump_delivers_in_order_and_put_applies_backpressure() -> None:
     assert not blocked.done(), "put did not wait for room"
     release.set()
     await asyncio.wait_for(blocked, 1)
-    while len(got) < 4:
-        await asyncio.sleep(0.001)
+    await asyncio.wait_for(four.wait(), 1)
     assert got == [0, 1, 2, 3]
     await pump.close()
 
@@ -126,17 +127,19 @@ async def test_pump_byte_bound() -> None:
 
 async def test_pump_survives_a_failing_deliver(caplog: pytest.LogCaptureFixture) -> None:
     got: list[int] = []
+    last = asyncio.Event()
 
     async def deliver(item: int) -> None:
         if item == 1:
             raise RuntimeError("bug below the bus")
         got.append(item)
+        if item == 2:
+            last.set()
 
     pump: Pump[int] = Pump(deliver, max_items=10, name="t")
     for i in range(3):
         await pump.put(i)
-    while len(got) < 2:
-        await asyncio.sleep(0.001)
+    await asyncio.wait_for(last.wait(), 1)
     assert got == [0, 2]
     assert any("failed below the bus" in r.getMessage() for r in caplog.records)
     await pump.close()
@@ -164,7 +167,7 @@ async def test_pending_replies_resolve_time_out_and_refuse_late_replies() -> Non
     slow = pending.expect("b", 0.05, "'slow'")
     assert pending.resolve("a", "answer")
     assert await fast == "answer"
-    with pytest.raises(RequestTimeout, match="no reply to 'slow' within 0.05s"):
+    with pytest.raises(RequestTimeout, match=r"no reply to 'slow' within 0\.05s"):
         await slow
     assert "b" not in pending
     assert not pending.resolve("b", "late"), "a late reply must be refused"
@@ -284,17 +287,18 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
 
 async def test_lease_keeper_renews_only_what_is_still_held() -> None:
     renewed: list[list[str]] = []
+    twice = asyncio.Event()
 
     async def renew(keys: list[str]) -> None:
         renewed.append(sorted(keys))
+        if len(renewed) == 2:
+            twice.set()
 
     keeper: LeaseKeeper[str] = LeaseKeeper(renew, renew_after=0.04, name="t")
     keeper.hold("slow")
     keeper.hold("quick")
     assert keeper.release("quick") and not keeper.release("quick")
-    deadline = time.monotonic() + 2
-    while len(renewed) < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(twice.wait(), 2)
     assert renewed[:2] == [["slow"], ["slow"]]
     assert keeper.release_all() == ["slow"]
     count = len(renewed)
@@ -305,18 +309,19 @@ async def test_lease_keeper_renews_only_what_is_still_held() -> None:
 
 async def test_lease_keeper_retries_after_a_failed_renewal() -> None:
     calls = 0
+    renewed = asyncio.Event()
 
     async def renew(keys: list[int]) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ConnectionError("flaky")
+        renewed.set()
 
     keeper: LeaseKeeper[int] = LeaseKeeper(renew, renew_after=0.02, name="t")
     keeper.hold(1)
-    deadline = time.monotonic() + 2
-    while keeper.renewals < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
+    await asyncio.wait_for(renewed.wait(), 2)
+    await asyncio.sleep(0)  # the keeper counts the renewal after renew() returns
     assert calls >= 2 and keeper.renewals >= 1
     await keeper.close()
 
@@ -373,13 +378,12 @@ class ClientConnectionError(Exception):
 
 async def test_error_map_translates_once_and_passes_the_rest() -> None:
     errors = ErrorMap("Fake at x", lambda: [(ClientConnectionError, BrokerConnectionError)])
-    with pytest.raises(BrokerConnectionError, match="Fake at x: publish failed: gone") as info:
-        with errors.mapped("publish"):
-            raise ClientConnectionError("gone")
+    with pytest.raises(BrokerConnectionError, match="Fake at x: publish failed: gone") as info, \
+            errors.mapped("publish"):
+        raise ClientConnectionError("gone")
     assert isinstance(info.value.__cause__, ClientConnectionError)
-    with pytest.raises(KeyError):
-        with errors.mapped("publish"):
-            raise KeyError("a bug stays a bug")
+    with pytest.raises(KeyError), errors.mapped("publish"):
+        raise KeyError("a bug stays a bug")
     own = NotConnected("ours")
     assert errors.translate(own, "x") is own
 

@@ -13,12 +13,18 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from amb_core.errors import UnsupportedFeature
 
 if TYPE_CHECKING:
     from amb_core.message import Message
+
+B = TypeVar("B", bound="Broker")
+
+INBOX_PREFIX = "_amb.inbox."
+"""Topics under this prefix are reply inboxes: the bus reads them only while it waits for a
+reply, so adapters never keep them in a log, a stream or a durable queue."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,6 @@ class Capabilities:
     """The adapter survives a broker restart and restores its subscriptions by itself."""
     max_payload: int | None = None
     """Largest body in bytes the broker accepts; None means no limit that matters here."""
-    native_retry_delay: bool = False
-    """:meth:`Delivery.retry_later` hands delayed redelivery to the broker."""
 
 
 class Delivery:
@@ -102,15 +106,24 @@ class BrokerSubscription(ABC):
 
 
 class Broker(ABC):
-    """Base class of every adapter."""
+    """Base class of every adapter.
 
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    ``capabilities`` is a class attribute adapters override; an instance whose options change
+    what it can do (NATS with or without JetStream) assigns its own in ``__init__``.
+    """
+
+    capabilities: Capabilities = Capabilities()
     header_prefix: ClassVar[str] = "ce-"
     """Prefix of CloudEvents attributes in binary mode (``ce-`` NATS/HTTP, ``ce_`` Kafka ...)."""
     in_process: ClassVar[bool] = False
     """The bus calls :meth:`publish_local` and deliveries carry ``message`` (no wire encoding)."""
     default_dead_letter_topic: str = "amb.dead-letter"
     """Where the bus dead-letters when the subscription names no ``dead_letter_topic``."""
+
+    @classmethod
+    def from_url(cls: type[B], url: str) -> B:
+        """The adapter configured from a URL (``redis://...``); no I/O."""
+        raise UnsupportedFeature(f"{cls.__name__} cannot be configured from a URL")
 
     @abstractmethod
     async def connect(self) -> None:
@@ -122,7 +135,11 @@ class Broker(ABC):
 
     @abstractmethod
     async def publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
-        """Send one message. Returns once the broker's delivery guarantee for this path holds."""
+        """Send one message. Returns once the broker's delivery guarantee for this path holds.
+
+        ``headers`` belong to the caller: an adapter reads them and never changes them. After
+        :meth:`close` (or before :meth:`connect`) it raises :class:`NotConnected`.
+        """
 
     @abstractmethod
     async def subscribe(
@@ -159,6 +176,36 @@ class Broker(ABC):
         ``since``: None from the start, an int or str position (inclusive), a datetime a time.
         """
         raise UnsupportedFeature(f"{type(self).__name__} keeps no log to replay")
+
+    async def delete_group(self, pattern: str, group: str) -> None:
+        """Remove the broker-side state of consumer group ``group`` on ``pattern`` (its stream
+        group, durable consumer or queue, with the messages waiting in it)."""
+        raise UnsupportedFeature(f"{type(self).__name__} keeps no consumer-group state to delete")
+
+    # --- dead letters ------------------------------------------------------------------------
+
+    async def keep_dead_letters(self, topic: str) -> None:
+        """``topic`` is a dead-letter destination: from now on keep what is published to it,
+        whether or not anyone subscribes yet, and let a consumer group that subscribes to it
+        later start at the oldest letter kept. The bus calls it for a subscription's
+        dead-letter destination before the subscription starts. Default: nothing (brokers
+        that keep nothing)."""
+        return None
+
+    def dead_letters(self, topic: str) -> AsyncIterator[Delivery]:
+        """The letters kept at dead-letter destination ``topic``, oldest first, without
+        removing them; each delivery's ``position`` names it for :meth:`remove_dead_letters`.
+        Default: the replay log, where the broker keeps one."""
+        if not self.capabilities.replay:
+            raise UnsupportedFeature(f"{type(self).__name__} keeps no dead letters to list")
+        return self.replay(topic, None)
+
+    async def remove_dead_letters(self, topic: str, positions: list[int | str]) -> int:
+        """Remove the letters at ``positions`` from ``topic`` (after a redrive); return how
+        many were removed. Raises :class:`UnsupportedFeature` where the broker cannot."""
+        raise UnsupportedFeature(
+            f"{type(self).__name__} cannot remove single messages from {topic!r}"
+        )
 
     def publish_local(self, msg: Message) -> Awaitable[None] | None:
         """In-process brokers (``in_process = True``) only: take a Message without the wire.

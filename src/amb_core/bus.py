@@ -6,18 +6,21 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from amb_core import envelope
-from amb_core.broker import Broker, BrokerSubscription, Delivery
+from amb_core.broker import INBOX_PREFIX, Broker, BrokerSubscription, Delivery
+from amb_core.deadletters import DeadLetter, Redrive
 from amb_core.errors import DecodeError, NotConnected, RequestTimeout, UnsupportedFeature
 from amb_core.message import Message, new_id
 from amb_core.observability._bus import observer_for
 from amb_core.retry import (
     ATTEMPTS,
+    DEAD_LETTERED_AT,
     ERROR_MESSAGE,
     ERROR_TYPE,
     MAX_ERROR_TEXT,
@@ -34,7 +37,6 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Message], Awaitable[Any]] | Callable[[Message], Any]
 _NOTHING_TO_ACK = Delivery.ack
 """Deliveries that keep the base class's ack (core NATS, Redis pub/sub) skip the await."""
-INBOX_PREFIX = "_amb.inbox."
 
 
 def _as_async(handler: Handler) -> Callable[[Message], Awaitable[Any]]:
@@ -227,6 +229,7 @@ class AgentMessageBus:
         self._pending: dict[str, asyncio.Future[Message]] = {}
         self._inbox: str | None = None
         self._inbox_lock = asyncio.Lock()
+        self._kept_dead_letters: set[str] = set()
         self._observer: BusObserver | None = observer_for(self, observer)
 
     @classmethod
@@ -392,6 +395,10 @@ class AgentMessageBus:
             dead_letter_topic=dead_letter_topic,
             max_concurrency=max_concurrency,
         )
+        destination = self._dead_letter_destination(sub)
+        if destination not in self._kept_dead_letters:
+            await self.broker.keep_dead_letters(destination)
+            self._kept_dead_letters.add(destination)
         sub._broker_sub = await self.broker.subscribe(
             pattern, sub._deliver, group=consumer_group, prefetch=max_concurrency
         )
@@ -477,6 +484,7 @@ class AgentMessageBus:
         headers[ERROR_MESSAGE] = str(exc)[:MAX_ERROR_TEXT]
         headers[ATTEMPTS] = str(msg.attempt)
         headers[ORIGINAL_TOPIC] = headers.get(ORIGINAL_TOPIC, msg.topic)
+        headers[DEAD_LETTERED_AT] = f"{time.time():.6f}"
         if destination == msg.topic:
             # A failing dead-letter consumer must not feed its own queue forever.
             logger.error(
@@ -615,6 +623,56 @@ class AgentMessageBus:
             future.set_result(reply)
         if not self._local:
             await self._ack(delivery)
+
+    # --- dead letters ------------------------------------------------------------------------
+
+    async def dead_letters(
+        self, topic: str | None = None, *, limit: int | None = None
+    ) -> list[DeadLetter]:
+        """The letters kept at dead-letter destination ``topic`` (default: the broker's),
+        oldest first, without removing them. Raises :class:`UnsupportedFeature` on brokers
+        that keep nothing to list."""
+        self._require_connected()
+        destination = validate_topic(topic or self.broker.default_dead_letter_topic)
+        letters: list[DeadLetter] = []
+        async for delivery in self.broker.dead_letters(destination):
+            try:
+                msg = delivery.message or self._decode(delivery)
+            except DecodeError as exc:
+                logger.warning("unreadable dead letter at %s: %s", destination, exc)
+                continue
+            if delivery.position is not None:
+                msg.position = delivery.position
+            letters.append(DeadLetter.from_message(msg))
+            if limit is not None and len(letters) >= limit:
+                break
+        return letters
+
+    async def redrive_dead_letters(
+        self, topic: str | None = None, *, limit: int | None = None
+    ) -> Redrive:
+        """Publish the letters at ``topic`` (default: the broker's destination) back to their
+        original topics with a fresh attempt count, then remove them from the destination
+        where the broker can (:attr:`Redrive.kept` says why not, elsewhere). Letters with no
+        original topic are left where they are."""
+        destination = validate_topic(topic or self.broker.default_dead_letter_topic)
+        letters = [
+            letter for letter in await self.dead_letters(destination, limit=limit)
+            if letter.original_topic
+        ]
+        for letter in letters:
+            await self.publish(letter.redriven())
+        positions = [letter.position for letter in letters if letter.position is not None]
+        if not letters:
+            return Redrive(0, 0)
+        try:
+            removed = await self.broker.remove_dead_letters(destination, positions)
+        except UnsupportedFeature as exc:
+            return Redrive(len(letters), 0, kept=str(exc))
+        kept = None if removed == len(letters) else (
+            f"{len(letters) - removed} letter(s) could not be removed from {destination!r}"
+        )
+        return Redrive(len(letters), removed, kept)
 
     # --- replay ------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ ERROR_TYPE = "amb-error-type"
 ERROR_MESSAGE = "amb-error-message"
 ATTEMPTS = "amb-attempts"
 ORIGINAL_TOPIC = "amb-original-topic"
+DEAD_LETTERED_AT = "amb-dead-lettered-at"
+"""When the bus dead-lettered the message: Unix seconds, as text."""
 MAX_ERROR_TEXT = 2000
 
 

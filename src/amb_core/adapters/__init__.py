@@ -35,9 +35,7 @@ def broker_from_url(url: str) -> Broker:
     if broker_class is None:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ValueError(f"unknown broker URL scheme in {mask_url(url)!r}; known: {known}")
-    from_url = getattr(broker_class, "from_url")  # noqa: B009 - every adapter defines it
-    broker: Broker = from_url(url)
-    return broker
+    return broker_class.from_url(url)
 
 
 __all__ = [

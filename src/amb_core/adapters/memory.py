@@ -28,78 +28,8 @@ from amb_core.broker import Broker, BrokerSubscription, Capabilities, Delivery, 
 from amb_core.envelope import OCTET_STREAM, encode_data
 from amb_core.errors import NotConnected
 from amb_core.message import Message
+from amb_core.runtime import Buffer
 from amb_core.topics import matches
-
-
-class _Channel:
-    """A bounded FIFO for one reader or several (a group's members take turns).
-
-    asyncio.Queue does the same with more bookkeeping per item; this is the broker's hot path.
-    """
-
-    __slots__ = ("_getters", "_items", "_maxsize", "_putters")
-
-    def __init__(self, maxsize: int) -> None:
-        self._items: deque[Delivery] = deque()
-        self._maxsize = maxsize
-        self._getters: deque[asyncio.Future[None]] = deque()
-        self._putters: deque[asyncio.Future[None]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @staticmethod
-    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def offer(self, item: Delivery) -> bool:
-        """Append without waiting; False when full."""
-        if len(self._items) >= self._maxsize:
-            return False
-        self._items.append(item)
-        if self._getters:
-            self._wake(self._getters)
-        return True
-
-    async def put(self, item: Delivery) -> None:
-        while len(self._items) >= self._maxsize:
-            await self._wait(self._putters)
-        self._items.append(item)
-        if self._getters:
-            self._wake(self._getters)
-
-    def poll(self) -> Delivery | None:
-        """The next item without waiting, or None when empty."""
-        if not self._items:
-            return None
-        item = self._items.popleft()
-        if self._putters:
-            self._wake(self._putters)
-        return item
-
-    async def get(self) -> Delivery:
-        while not self._items:
-            await self._wait(self._getters)
-        item = self._items.popleft()
-        if self._putters:
-            self._wake(self._putters)
-        elif self._items and self._getters:
-            self._wake(self._getters)
-        return item
-
-    async def _wait(self, waiters: deque[asyncio.Future[None]]) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._wake(waiters)  # pass the wake-up on to the next waiter
-            raise
 
 
 @dataclass(eq=False)
@@ -108,7 +38,7 @@ class _Target:
 
     pattern: str
     group: str | None
-    channel: _Channel
+    channel: Buffer[Delivery]
     readers: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -238,7 +168,7 @@ class MemoryBroker(Broker):
                 dict(msg.headers) if msg.headers else None, msg.correlation_id,
                 msg.causation_id, msg.reply_to, msg.source, msg.type,
             ))
-        blocked: list[tuple[_Channel, Delivery]] | None = None
+        blocked: list[tuple[Buffer[Delivery], Delivery]] | None = None
         for target in targets:
             payload = orjson.loads(body) if is_json else body
             delivery = _LocalDelivery(_clone(msg, payload))
@@ -269,12 +199,12 @@ class MemoryBroker(Broker):
             raise NotConnected("MemoryBroker is not connected")
         target = self._groups.get((group, pattern)) if group is not None else None
         if target is None:
-            target = _Target(pattern, group, _Channel(self.buffer_size))
+            target = _Target(pattern, group, Buffer[Delivery](self.buffer_size))
             self._targets.append(target)
             if group is not None:
                 self._groups[(group, pattern)] = target
             self._routes.clear()
-        reader = asyncio.get_running_loop().create_task(_read(target.channel, handler))
+        reader = asyncio.get_running_loop().create_task(_read(target, handler))
         target.readers.add(reader)
         return _MemorySubscription(self, target, reader)
 
@@ -315,15 +245,20 @@ class MemoryBroker(Broker):
             yield Delivery(entry_topic, body, {}, position=position, message=message)
 
 
-async def _put_all(blocked: list[tuple[_Channel, Delivery]]) -> None:
+async def _put_all(blocked: list[tuple[Buffer[Delivery], Delivery]]) -> None:
     """Wait for room in each full subscriber buffer (backpressure on the publisher)."""
     for channel, delivery in blocked:
         await channel.put(delivery)
 
 
-async def _read(channel: _Channel, handler: DeliveryHandler) -> None:
+async def _read(target: _Target, handler: DeliveryHandler) -> None:
+    channel, readers = target.channel, target.readers
     while True:
         delivery = channel.poll()
         if delivery is None:
             delivery = await channel.get()
         await handler(delivery)
+        if len(readers) > 1:
+            # A group member whose handler never suspends would otherwise take every message
+            # buffered; yielding lets the idle member that poll() woke take the next one.
+            await asyncio.sleep(0)

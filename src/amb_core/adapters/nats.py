@@ -106,7 +106,6 @@ CORE_CAPABILITIES = Capabilities(
     native_request_reply=True,
     reconnect=True,
     max_payload=DEFAULT_MAX_PAYLOAD - HEADER_ALLOWANCE,
-    native_retry_delay=False,
 )
 JETSTREAM_CAPABILITIES = replace(
     CORE_CAPABILITIES,
@@ -114,7 +113,6 @@ JETSTREAM_CAPABILITIES = replace(
     redelivers_unacked=True,
     replay=True,
     at_least_once=True,
-    native_retry_delay=True,
 )
 
 
@@ -432,7 +430,7 @@ class NATSBroker(Broker):
         self._inbox_prefix = str(options.get("inbox_prefix", "_INBOX"))
         base = JETSTREAM_CAPABILITIES if use_jetstream else CORE_CAPABILITIES
         # Per instance: the mode and the server's payload limit decide them.
-        self.__dict__["capabilities"] = replace(base, max_payload=max_payload - HEADER_ALLOWANCE)
+        self.capabilities = replace(base, max_payload=max_payload - HEADER_ALLOWANCE)
 
         self.fast_path = fast_path
         self._fast = False

@@ -390,7 +390,6 @@ class RabbitMQBroker(Broker):
         native_request_reply=True,
         reconnect=True,
         max_payload=128 * 1024 * 1024,  # RabbitMQ 3.8-3.13 default max_message_size (4.x: 16 MiB)
-        native_retry_delay=False,
     )
     header_prefix = PREFIX
 

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from amb_core.adapters._client import require
-from amb_core.adapters.memory import _Channel
 from amb_core.broker import (
+    INBOX_PREFIX,
     Broker,
     BrokerSubscription,
     Capabilities,
@@ -52,8 +52,8 @@ from amb_core.broker import (
     DeliveryHandler,
     mask_url,
 )
-from amb_core.bus import INBOX_PREFIX
 from amb_core.errors import BrokerConnectionError, NotConnected, UnsupportedFeature
+from amb_core.runtime import Buffer
 from amb_core.topics import is_wildcard, matches, validate_pattern
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class _PlainSub(BrokerSubscription):
         self.pattern = pattern
         self.wildcard = is_wildcard(pattern)
         self.key = _glob(pattern) if self.wildcard else pattern.encode()
-        self.buffer = _Channel(broker.buffer_size)
+        self.buffer: Buffer[Delivery] = Buffer(broker.buffer_size)
         self.dropped = 0
         self._last_drop_log = 0.0
         self.task = asyncio.get_running_loop().create_task(self._run(handler))
@@ -403,7 +403,6 @@ class RedisBroker(Broker):
         native_request_reply=False,
         reconnect=True,
         max_payload=None,
-        native_retry_delay=False,
     )
 
     def __init__(
