@@ -374,7 +374,7 @@ def broker_label(broker: Broker) -> str:
     cls = type(broker)
     module = cls.__module__
     if module.startswith("amb_core.adapters."):
-        return module.rsplit(".", 1)[1]
+        return module.split(".")[2]  # the adapter's module or package: adapters.<name>[...]
     name = cls.__name__
     return (name[:-6] if name.endswith("Broker") and len(name) > 6 else name).lower()
 
