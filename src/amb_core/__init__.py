@@ -1,5 +1,6 @@
 """amb-core: the Agent Message Bus. One asyncio API over any message broker."""
 
+from amb_core._version import __version__
 from amb_core.broker import Broker, Capabilities, Delivery
 from amb_core.bus import AgentMessageBus, Subscription
 from amb_core.errors import (
@@ -14,8 +15,6 @@ from amb_core.errors import (
 )
 from amb_core.message import Message
 from amb_core.retry import RetryPolicy
-
-__version__ = "0.4.0.dev0"
 
 __all__ = [
     "AgentMessageBus",
@@ -33,4 +32,5 @@ __all__ = [
     "RetryPolicy",
     "Subscription",
     "UnsupportedFeature",
+    "__version__",
 ]

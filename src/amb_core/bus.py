@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from amb_core import envelope
 from amb_core.broker import INBOX_PREFIX, Broker, BrokerSubscription, Delivery
 from amb_core.deadletters import DeadLetter, Redrive
-from amb_core.errors import DecodeError, NotConnected, RequestTimeout, UnsupportedFeature
+from amb_core.errors import DecodeError, NotConnected, UnsupportedFeature
 from amb_core.message import Message, new_id
 from amb_core.observability._bus import observer_for
 from amb_core.retry import (
@@ -27,10 +27,11 @@ from amb_core.retry import (
     ORIGINAL_TOPIC,
     RetryPolicy,
 )
+from amb_core.runtime import OnDemand, PendingReplies
 from amb_core.topics import is_wildcard, validate_pattern, validate_topic
 
 if TYPE_CHECKING:
-    from amb_core.observability._bus import BusObserver, Probe
+    from amb_core.hooks import Observer, SubscriptionProbe
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ class Subscription:
         self._tasks: set[asyncio.Task[None]] = set()
         # metrics/tracing of this subscription (amb_core.observability); None when off
         observer = bus._observer
-        self._probe: Probe | None = observer.probe(self) if observer is not None else None
+        self._probe: SubscriptionProbe | None = (
+            observer.probe(self) if observer is not None else None
+        )
 
     def __repr__(self) -> str:
         group = f" group={self.group!r}" if self.group else ""
@@ -103,73 +106,86 @@ class Subscription:
         running handlers. Other subscriptions, on the same topic too, are untouched."""
         await self.bus._stop_subscription(self, timeout)
 
-    async def _deliver(self, delivery: Delivery) -> None:
-        """Called by the adapter per message, in order; returns when the bus has taken it."""
-        if self._closing:
-            return  # not acknowledged: the broker keeps it where it keeps anything
+    @property
+    def in_flight(self) -> int:
+        """Handler calls running now (or waiting to be retried)."""
+        return self._busy + len(self._tasks)
+
+    async def _deliver(self, delivery: Delivery, msg: Message | None = None) -> None:
+        """The one handle -> retry / dead-letter -> reply -> ack sequence of every message.
+
+        The adapter calls it per message, in order (``msg`` None), and it returns once the bus
+        has taken the message: with one handler at a time it runs the handler inline (no task,
+        no extra coroutine frame: this is the hot path); with more it waits for a free slot and
+        runs the same sequence again in a task, with ``msg`` decoded. Observability watches it
+        through the probe's hooks (:mod:`amb_core.hooks`), counted in place.
+        """
         bus = self.bus
-        msg = delivery.message
         if msg is None:
-            try:
-                msg = bus._decode(delivery)
-            except DecodeError as exc:
-                await bus._dead_letter_malformed(self, delivery, exc)
-                return
-            count = delivery.delivery_count
-            if count is not None and count > msg.attempt:
-                msg.attempt = count
-        if self.max_concurrency == 1:
-            self._busy += 1
-            try:
-                probe = self._probe
-                if probe is not None and probe.tracing is not None:
-                    await probe.process(msg, delivery)
+            if self._closing:
+                return  # not acknowledged: the broker keeps it where it keeps anything
+            msg = delivery.message
+            if msg is None:
+                try:
+                    msg = bus._decode(delivery)
+                except DecodeError as exc:
+                    await bus._dead_letter_malformed(self, delivery, exc)
                     return
-                # bus._process inlined, metrics counted in place (sampled timing): no extra
-                # call or coroutine frame per message on the hot path.
-                timed = False
-                if probe is not None:
-                    probe.stats.delivered += 1
-                    if probe.skip:
-                        probe.skip -= 1
-                    else:
-                        probe.start_timing(msg)
-                        timed = True
+                count = delivery.delivery_count
+                if count is not None and count > msg.attempt:
+                    msg.attempt = count
+            if self.max_concurrency > 1:
+                await self._slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._deliver(delivery, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            self._busy += 1
+        probe = self._probe
+        span: object = None
+        timed = False
+        if probe is not None:
+            probe.stats.delivered += 1
+            if probe.tracing is not None:
+                span = probe.start_span(msg)
+            if probe.skip:
+                probe.skip -= 1
+            else:
+                probe.start_timing(msg)
+                timed = True
+        try:
+            while True:
                 try:
                     result = await self._call(msg)
                 except Exception as exc:
                     if probe is not None:
                         if timed:
                             probe.stop_timing()
-                        probe.stats.failed += 1
-                    await bus._recover(self, msg, delivery, exc)
-                else:
+                        probe.attempt_failed(msg, exc)
+                    if not await bus._retry(self, msg, delivery, exc):
+                        return  # dead-lettered, or the broker redelivers it later
+                    timed = probe is not None  # retries are always timed
                     if probe is not None:
-                        if timed:
-                            probe.stop_timing()
-                        probe.stats.succeeded += 1
-                    if result is not None and msg.reply_to is not None:
-                        await bus._send_reply(msg, result)
-                    if not bus._local and type(delivery).ack is not _NOTHING_TO_ACK:
-                        await bus._ack(delivery)
-            finally:
+                        probe.start_timing(msg)
+                    continue
+                if probe is not None:
+                    if timed:
+                        probe.stop_timing()
+                    probe.stats.succeeded += 1
+                if (result is not None and msg.reply_to is not None) or (
+                    bus._acks and type(delivery).ack is not _NOTHING_TO_ACK
+                ):
+                    await bus._succeeded(msg, delivery, result)
+                return
+        finally:
+            if span is not None and probe is not None:
+                probe.end_span(span)
+            if self.max_concurrency > 1:
+                self._slots.release()
+            else:
                 self._busy -= 1
                 if self._closing and not self._busy:
                     self._idle.set()
-            return
-        await self._slots.acquire()
-        task = asyncio.get_running_loop().create_task(self._process_in_task(msg, delivery))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _process_in_task(self, msg: Message, delivery: Delivery) -> None:
-        try:
-            if self._probe is not None:
-                await self._probe.process(msg, delivery)
-            else:
-                await self.bus._process(self, msg, delivery)
-        finally:
-            self._slots.release()
 
     async def _drain(self, timeout: float) -> None:
         self._closing = True
@@ -221,16 +237,26 @@ class AgentMessageBus:
         self.id = new_id()
         self._connected = False
         self._local = broker.in_process
+        self._acks = not broker.in_process
+        """Deliveries are acknowledged (in-process brokers hand over messages, not leases)."""
         self._headers = broker.capabilities.headers
         self._prefix = broker.header_prefix
         self._max_payload = broker.capabilities.max_payload
         self._checked_topics: set[str] = set()
         self._subscriptions: set[Subscription] = set()
-        self._pending: dict[str, asyncio.Future[Message]] = {}
-        self._inbox: str | None = None
-        self._inbox_lock = asyncio.Lock()
+        self._pending: PendingReplies[str, Message] = PendingReplies()
+        """Requests waiting for a reply on the inbox, by request id (replies carry it as their
+        causation id, so concurrent requests may share a correlation id)."""
+        self._inbox: OnDemand[str] = OnDemand(self._open_inbox)
         self._kept_dead_letters: set[str] = set()
-        self._observer: BusObserver | None = observer_for(self, observer)
+        self._observer: Observer | None = observer_for(self, observer)
+
+    def attach_observer(self, observer: Observer | None) -> None:
+        """Metrics and tracing for this bus and its subscriptions, existing ones included
+        (:func:`amb_core.observability.instrument` calls it); None turns them off."""
+        self._observer = observer
+        for sub in list(self._subscriptions):
+            sub._probe = observer.probe(sub) if observer is not None else None
 
     @classmethod
     def from_url(cls, url: str, **bus_options: Any) -> AgentMessageBus:
@@ -267,11 +293,8 @@ class AgentMessageBus:
         await asyncio.gather(
             *(self._stop_subscription(sub, timeout) for sub in list(self._subscriptions))
         )
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(NotConnected("the bus was closed before the reply came"))
-        self._pending.clear()
-        self._inbox = None
+        self._pending.fail_all(NotConnected("the bus was closed before the reply came"))
+        self._inbox.reset()
         self._connected = False
         await self.broker.close()
 
@@ -415,46 +438,35 @@ class AgentMessageBus:
 
     # --- processing: retries, dead letters, replies -------------------------------------------
 
-    async def _process(self, sub: Subscription, msg: Message, delivery: Delivery) -> None:
-        try:
-            result = await sub._call(msg)
-        except Exception as exc:
-            await self._recover(sub, msg, delivery, exc)
-        else:
-            await self._succeeded(msg, delivery, result)
-
     async def _succeeded(self, msg: Message, delivery: Delivery, result: Any) -> None:
+        """After the handler returned: the reply (if any), then the ack."""
         if result is not None and msg.reply_to is not None:
             await self._send_reply(msg, result)
-        if not self._local and type(delivery).ack is not _NOTHING_TO_ACK:
+        if self._acks and type(delivery).ack is not _NOTHING_TO_ACK:
             await self._ack(delivery)
 
-    async def _recover(
+    async def _retry(
         self, sub: Subscription, msg: Message, delivery: Delivery, exc: Exception
-    ) -> None:
-        """After a failed attempt: retry per the policy, then dead-letter after the last."""
+    ) -> bool:
+        """After a failed attempt: True when the bus is to try again now (after the policy's
+        delay, ``msg.attempt`` counted up); False when the broker took the retry or the
+        message was dead-lettered after its last attempt."""
         policy = sub.retry
-        probe = sub._probe
-        while msg.attempt < policy.max_attempts:
-            delay = policy.delay_before(msg.attempt + 1)
-            logger.info(
-                "handler %r failed on %s (attempt %d of %d, retry in %.2fs): %r",
-                sub.handler, msg.id, msg.attempt, policy.max_attempts, delay, exc,
-            )
-            if probe is not None:
-                probe.retrying(msg, delay)
-            if await self._retry_later(delivery, delay):
-                return  # the broker redelivers it later, with its delivery count
-            await asyncio.sleep(delay)
-            msg.attempt += 1
-            try:
-                result = await (sub._call(msg) if probe is None else probe.call(msg))
-            except Exception as again:
-                exc = again
-                continue
-            await self._succeeded(msg, delivery, result)
-            return
-        await self._dead_letter(sub, msg, delivery, exc)
+        if msg.attempt >= policy.max_attempts:
+            await self._dead_letter(sub, msg, delivery, exc)
+            return False
+        delay = policy.delay_before(msg.attempt + 1)
+        logger.info(
+            "handler %r failed on %s (attempt %d of %d, retry in %.2fs): %r",
+            sub.handler, msg.id, msg.attempt, policy.max_attempts, delay, exc,
+        )
+        if sub._probe is not None:
+            sub._probe.retrying(msg, delay)
+        if await self._retry_later(delivery, delay):
+            return False  # the broker redelivers it later, with its delivery count
+        await asyncio.sleep(delay)
+        msg.attempt += 1
+        return True
 
     async def _retry_later(self, delivery: Delivery, delay: float) -> bool:
         try:
@@ -511,7 +523,7 @@ class AgentMessageBus:
             return
         if sub._probe is not None:
             sub._probe.dead_lettered(msg, destination)
-        if not self._local:
+        if self._acks:
             await self._ack(delivery)
 
     async def _dead_letter_malformed(
@@ -588,26 +600,18 @@ class AgentMessageBus:
             body, headers = self._encode(request)
             delivery = await self.broker.request(request.topic, body, headers, timeout)
             return self._decode(delivery)
-        inbox = self._inbox or await self._open_inbox()
-        request.reply_to = inbox
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Message] = loop.create_future()
-        self._pending[request.id] = future
-        expiry = loop.call_later(timeout, _expire, future, request, timeout)
+        request.reply_to = await self._inbox.get()
+        future = self._pending.expect(request.id, timeout, repr(request.topic))
         try:
             await self.publish(request)
             return await future
         finally:
-            expiry.cancel()
-            self._pending.pop(request.id, None)
+            self._pending.discard(request.id)
 
     async def _open_inbox(self) -> str:
-        async with self._inbox_lock:
-            if self._inbox is None:
-                inbox = INBOX_PREFIX + self.id
-                await self.broker.subscribe(inbox, self._on_reply, prefetch=256)
-                self._inbox = inbox
-            return self._inbox
+        inbox = INBOX_PREFIX + self.id
+        await self.broker.subscribe(inbox, self._on_reply, prefetch=256)
+        return inbox
 
     async def _on_reply(self, delivery: Delivery) -> None:
         try:
@@ -615,13 +619,10 @@ class AgentMessageBus:
         except DecodeError:
             logger.warning("dropped a malformed reply on %s", delivery.topic)
             return
-        future = self._pending.get(reply.causation_id or "")
-        if future is None or future.done():
+        if not self._pending.resolve(reply.causation_id or "", reply):
             logger.debug("dropped a reply to %s: its request is gone (timed out?)",
-                          reply.causation_id)
-        else:
-            future.set_result(reply)
-        if not self._local:
+                         reply.causation_id)
+        if self._acks:
             await self._ack(delivery)
 
     # --- dead letters ------------------------------------------------------------------------
@@ -700,13 +701,3 @@ class AgentMessageBus:
             if delivery.position is not None:
                 msg.position = delivery.position
             yield msg
-
-
-def _expire(future: asyncio.Future[Message], request: Message, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(
-            RequestTimeout(
-                f"no reply to {request.topic!r} within {timeout}s (request {request.id})"
-            )
-        )
-

@@ -28,7 +28,7 @@ from amb_core.observability._logging import JsonFormatter, TraceContextFilter, c
 from amb_core.observability._user_metrics import Metrics, metrics
 
 if TYPE_CHECKING:
-    from amb_core.bus import AgentMessageBus
+    from amb_core.hooks import ObservedBus
 
 
 class _Unset(enum.Enum):
@@ -76,13 +76,11 @@ def configure(
         STORE.enable_opentelemetry(meter_provider)
 
 
-def instrument(bus: AgentMessageBus, *, tracer_provider: Any = None) -> BusObserver:
+def instrument(bus: ObservedBus, *, tracer_provider: Any = None) -> BusObserver:
     """Attach an observer to ``bus`` (also when it was created with ``observer=False``, or to
     use ``tracer_provider`` for this bus only). Subscriptions already made are covered too."""
     observer = BusObserver(bus, tracer_provider=tracer_provider)
-    bus._observer = observer
-    for sub in list(bus._subscriptions):
-        sub._probe = observer.probe(sub)
+    bus.attach_observer(observer)
     return observer
 
 

@@ -32,8 +32,8 @@ from amb_core.observability import _config
 from amb_core.observability._config import REPLY_LABEL, Settings, settings
 
 if TYPE_CHECKING:
-    from amb_core.broker import Broker, Delivery
-    from amb_core.bus import AgentMessageBus, Subscription
+    from amb_core.broker import Broker
+    from amb_core.hooks import ObservedBus, ObservedSubscription
     from amb_core.message import Message
     from amb_core.observability._tracing import Span, Tracing
 
@@ -117,19 +117,19 @@ class SubscriptionStats:
         self.dead_lettered = 0
         self.handler = Histogram(HANDLER_BUCKETS)
         self.lag = Histogram(LAG_BUCKETS)
-        self.subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self.subscriptions: weakref.WeakSet[ObservedSubscription] = weakref.WeakSet()
 
     @property
     def in_flight(self) -> int:
         """Messages being handled now (handler running or waiting to retry)."""
-        subscriptions: list[Subscription] = []
+        subscriptions: list[ObservedSubscription] = []
         for _ in range(3):  # read from the scrape thread: a subscribe meanwhile may interfere
             try:
                 subscriptions = list(self.subscriptions)
                 break
             except RuntimeError:
                 continue
-        return sum(sub._busy + len(sub._tasks) for sub in subscriptions)
+        return sum(sub.in_flight for sub in subscriptions)
 
 
 class TopicStats:
@@ -394,8 +394,9 @@ def _resolve_tracing(provider: Any) -> Tracing | None:
 
 
 class BusObserver:
-    """What one bus calls when observability is on. Made by the bus (see
-    :func:`observer_for`) or by :func:`amb_core.observability.instrument`."""
+    """What one bus calls when observability is on (the :class:`amb_core.hooks.Observer`
+    hooks). Made by the bus (see :func:`observer_for`) or by
+    :func:`amb_core.observability.instrument`."""
 
     __slots__ = (
         "_config", "_probes", "_reply_stats", "_tracer_provider", "broker", "store", "topic_stats",
@@ -404,7 +405,7 @@ class BusObserver:
 
     def __init__(
         self,
-        bus: AgentMessageBus,
+        bus: ObservedBus,
         *,
         tracer_provider: Any = None,
         config: Settings | None = None,
@@ -476,7 +477,7 @@ class BusObserver:
 
     # --- consume -----------------------------------------------------------------------------
 
-    def probe(self, sub: Subscription) -> Probe:
+    def probe(self, sub: ObservedSubscription) -> Probe:
         probe = Probe(self, sub)
         self._probes.add(probe)
         return probe
@@ -524,7 +525,9 @@ MAX_SAMPLE_EVERY = 256
 
 
 class Probe:
-    """The observer's part in one subscription: the bus hands it each delivery.
+    """The observer's part in one subscription (the :class:`amb_core.hooks.SubscriptionProbe`
+    hooks): the bus counts in :attr:`stats` in place and calls the timing and span hooks
+    around its one handle -> reply -> ack sequence.
 
     Counts are exact. The two histograms (handler duration, delivery lag) time every delivery
     while a subscription gets up to :data:`SAMPLE_RATE` messages a second; above that, one
@@ -534,15 +537,13 @@ class Probe:
     """
 
     __slots__ = (
-        "__weakref__", "_bus", "_every", "_handler", "_lag", "_local", "_observer", "_start",
-        "_sub", "_weight", "_window_count", "_window_start", "skip", "stats", "tracing",
+        "__weakref__", "_every", "_handler", "_lag", "_observer", "_start", "_sub", "_weight",
+        "_window_count", "_window_start", "skip", "stats", "tracing",
     )
 
-    def __init__(self, observer: BusObserver, sub: Subscription) -> None:
+    def __init__(self, observer: BusObserver, sub: ObservedSubscription) -> None:
         self._observer = observer
         self._sub = sub
-        self._bus = sub.bus
-        self._local = sub.bus._local
         self.stats = observer.store.subscription(observer.broker, sub.pattern)
         self.stats.subscriptions.add(sub)
         self._handler = self.stats.handler
@@ -552,60 +553,24 @@ class Probe:
         self._window_start = 0.0
         self._window_count = 0
         self._start = 0.0
-        self._weight = 0
-        self.tracing = observer.tracing
-
-    async def process(self, msg: Message, delivery: Delivery) -> None:
-        """What ``bus._process`` does, counted, timed (sampled) and traced (when on)."""
-        stats = self.stats
-        stats.delivered += 1
-        if self.skip:
-            self.skip -= 1
-            if self.tracing is not None:
-                await self._process_traced(msg, delivery, self.tracing, 0.0, 0)
-                return
-            try:
-                result = await self._sub._call(msg)
-            except Exception as exc:
-                stats.failed += 1
-                await self._bus._recover(self._sub, msg, delivery, exc)
-                return
-            stats.succeeded += 1
-            # AgentMessageBus._succeeded, inlined as the bus's own fast path does
-            if result is not None and msg.reply_to is not None:
-                await self._bus._send_reply(msg, result)
-            if not self._local:
-                await self._bus._ack(delivery)
-            return
-        start = time()
-        weight = self._sampled(msg, start)
-        if self.tracing is not None:
-            await self._process_traced(msg, delivery, self.tracing, start, weight)
-            return
-        try:
-            result = await self._sub._call(msg)
-        except Exception as exc:
-            self._handler.observe(time() - start, weight)
-            stats.failed += 1
-            await self._bus._recover(self._sub, msg, delivery, exc)
-            return
-        self._handler.observe(time() - start, weight)
-        stats.succeeded += 1
-        await self._bus._succeeded(msg, delivery, result)
+        self._weight = 1
+        self.tracing: Tracing | None = observer.tracing
 
     def start_timing(self, msg: Message) -> None:
-        """The bus's inline path (one handler at a time, no tracing) counts deliveries and
-        outcomes in :attr:`stats` itself, skips :attr:`skip` deliveries, and calls this (and
-        :meth:`stop_timing`) only for the sampled ones: no call per message in steady state."""
+        """Called for the sampled deliveries only (and every retry): no call per message in
+        steady state."""
         start = self._start = time()
         self._weight = self._sampled(msg, start)
 
     def stop_timing(self) -> None:
         self._handler.observe(time() - self._start, self._weight)
+        self._weight = 1  # a retry timed next stands for itself
 
     def _sampled(self, msg: Message, now: float) -> int:
         """A timed delivery: its lag, and the choice of how many to skip until the next.
         Returns the weight of this delivery's observations."""
+        if msg.attempt > 1:
+            return 1  # a retry: its own observation, no lag, no resampling
         weight = every = self._every
         stamp = msg.timestamp
         if stamp > 0.0:
@@ -623,44 +588,23 @@ class Probe:
         self.skip = self._every - 1
         return weight
 
-    async def _process_traced(
-        self, msg: Message, delivery: Delivery, tracing: Tracing, start: float, weight: int
-    ) -> None:
-        """``start`` and ``weight``: 0 when this delivery is not timed."""
-        span, token = tracing.start_process(msg, self._sub, self._observer.broker)
-        try:
-            try:
-                result = await self._sub._call(msg)
-            except Exception as exc:
-                self._attempt_failed(msg, exc, start, weight)
-                await self._bus._recover(self._sub, msg, delivery, exc)
-            else:
-                if weight:
-                    self._handler.observe(time() - start, weight)
-                self.stats.succeeded += 1
-                await self._bus._succeeded(msg, delivery, result)
-        finally:
-            tracing.detach(token)
-            span.end()
+    def start_span(self, msg: Message) -> object:
+        tracing = self.tracing
+        assert tracing is not None  # the bus calls this only while tracing is set
+        return tracing.start_process(msg, self._sub, self._observer.broker)
 
-    def _attempt_failed(self, msg: Message, exc: Exception, start: float, weight: int) -> None:
-        if weight:
-            self._handler.observe(time() - start, weight)
+    def end_span(self, token: object) -> None:
+        span: Span
+        context_token: object
+        span, context_token = token  # type: ignore[misc]  # the pair start_span returned
+        if self.tracing is not None:
+            self.tracing.detach(context_token)
+        span.end()
+
+    def attempt_failed(self, msg: Message, exc: BaseException) -> None:
         self.stats.failed += 1
         if self.tracing is not None:
             self.tracing.current_span().record_exception(exc, {"amb.attempt": msg.attempt})
-
-    async def call(self, msg: Message) -> Any:
-        """A retry of the handler, timed (the bus's in-process retries come through here)."""
-        start = time()
-        try:
-            result = await self._sub._call(msg)
-        except Exception as exc:
-            self._attempt_failed(msg, exc, start, 1)
-            raise
-        self._handler.observe(time() - start)
-        self.stats.succeeded += 1
-        return result
 
     def retrying(self, msg: Message, delay: float) -> None:
         self.stats.retried += 1
@@ -677,7 +621,7 @@ class Probe:
             self.tracing.mark_error(span, f"dead-lettered after {msg.attempt} attempt(s)")
 
 
-def observer_for(bus: AgentMessageBus, observer: bool | None) -> BusObserver | None:
+def observer_for(bus: ObservedBus, observer: bool | None) -> BusObserver | None:
     """The bus's observer: None (off) for ``observer=False``, or for ``None`` when the
     settings say off (no observability library installed, ``AMB_OBSERVABILITY=0``, or
     ``configure(bus_metrics=False)``)."""

@@ -17,7 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
-    from amb_core.bus import Subscription
+    from amb_core.hooks import ObservedSubscription
     from amb_core.message import Message
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ Span = trace.Span
 
 
 def _version() -> str:
-    from amb_core import __version__
+    from amb_core._version import __version__
 
     return __version__
 
@@ -84,7 +84,9 @@ class Tracing:
         self._inject(msg, span)
         return span
 
-    def start_process(self, msg: Message, sub: Subscription, system: str) -> tuple[Span, object]:
+    def start_process(
+        self, msg: Message, sub: ObservedSubscription, system: str
+    ) -> tuple[Span, object]:
         """A CONSUMER span, child of the context in the message's headers, made current for the
         handler (so what it publishes continues the trace). Returns the span and the token to
         :meth:`end_process` with."""

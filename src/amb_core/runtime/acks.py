@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-logger = logging.getLogger("amb_core.runtime")
+logger = logging.getLogger(__name__)
 
 
 class AckBatcher(Generic[T]):

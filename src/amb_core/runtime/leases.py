@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
-logger = logging.getLogger("amb_core.runtime")
+logger = logging.getLogger(__name__)
 
 
 class LeaseKeeper(Generic[K]):

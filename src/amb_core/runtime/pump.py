@@ -23,7 +23,7 @@ from amb_core.runtime.buffer import Buffer
 
 T = TypeVar("T")
 
-logger = logging.getLogger("amb_core.runtime")
+logger = logging.getLogger(__name__)
 
 
 class DropReport:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from amb_core.errors import BrokerConnectionError, NotConnected
 
-logger = logging.getLogger("amb_core.runtime")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
