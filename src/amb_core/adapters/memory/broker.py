@@ -28,6 +28,7 @@ from amb_core.broker import Broker, BrokerSubscription, Capabilities, Delivery, 
 from amb_core.envelope import OCTET_STREAM, encode_data
 from amb_core.errors import NotConnected
 from amb_core.message import Message
+from amb_core.routing import SubscriptionIndex
 from amb_core.runtime import Buffer
 from amb_core.topics import matches
 
@@ -116,9 +117,9 @@ class MemoryBroker(Broker):
             raise ValueError("buffer_size must be at least 1")
         self.buffer_size = buffer_size
         self.log_size = log_size
-        self._targets: list[_Target] = []
+        self._index: SubscriptionIndex[_Target] = SubscriptionIndex()
         self._groups: dict[tuple[str, str], _Target] = {}
-        self._routes: dict[str, tuple[_Target, ...]] = {}
+        self._routes = self._index.cache  # read directly on the hot path
         self._log: deque[_LogEntry] = deque(maxlen=log_size or None)
         self._positions = itertools.count(1)
         self._connections = 0
@@ -139,22 +140,19 @@ class MemoryBroker(Broker):
         self._connections = max(self._connections - 1, 0)
         if self._connections:
             return
-        for target in list(self._targets):
+        for target in self._index.values():
             for reader in list(target.readers):
                 reader.cancel()
-        self._targets.clear()
+        self._index = SubscriptionIndex()
+        self._routes = self._index.cache
         self._groups.clear()
-        self._routes.clear()
 
     def _route(self, topic: str) -> tuple[_Target, ...]:
         targets = self._routes.get(topic)
         if targets is None:
             if not self._connections:
                 raise NotConnected("MemoryBroker is not connected")
-            targets = tuple(t for t in self._targets if matches(t.pattern, topic))
-            if len(self._routes) > 10_000:
-                self._routes.clear()
-            self._routes[topic] = targets
+            targets = self._index.match(topic)
         return targets
 
     def publish_local(self, msg: Message) -> Awaitable[None] | None:
@@ -200,18 +198,15 @@ class MemoryBroker(Broker):
         target = self._groups.get((group, pattern)) if group is not None else None
         if target is None:
             target = _Target(pattern, group, Buffer[Delivery](self.buffer_size))
-            self._targets.append(target)
+            self._index.add(pattern, target)
             if group is not None:
                 self._groups[(group, pattern)] = target
-            self._routes.clear()
         reader = asyncio.get_running_loop().create_task(_read(target, handler))
         target.readers.add(reader)
         return _MemorySubscription(self, target, reader)
 
     def _remove_target(self, target: _Target) -> None:
-        if target in self._targets:
-            self._targets.remove(target)
-            self._routes.clear()
+        self._index.remove(target.pattern, target)
         if target.group is not None:
             self._groups.pop((target.group, target.pattern), None)
 
