@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,16 @@ from amb_core.demo import run_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def amb_command(executable: str | None = None) -> list[str]:
+    """The `amb` of the interpreter running the tests, never whatever `amb` PATH finds first:
+    the console script next to it, else ``python -m amb_core``."""
+    python = Path(executable or sys.executable)
+    script = python.parent / "amb"
+    if script.is_file():
+        return [str(script)]
+    return [str(python), "-m", "amb_core"]
 
 
 def test_readme_has_the_guide_examples() -> None:
@@ -54,9 +65,33 @@ async def test_demo_shows_every_pattern() -> None:
 
 
 def test_amb_demo_command_runs() -> None:
-    result = subprocess.run(["amb", "demo"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*amb_command(), "demo"], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     assert "request -> response" in result.stdout and "done." in result.stdout
+
+
+def test_amb_command_is_the_interpreters_own(tmp_path: Path) -> None:
+    """The helper names an absolute file next to the interpreter or the interpreter itself:
+    it never leaves `amb` to a PATH lookup (a fresh CI venv has no `amb` on PATH)."""
+    command = amb_command()
+    assert Path(command[0]).is_absolute() and Path(command[0]).parent == Path(
+        sys.executable).parent
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    python = bare / "python"
+    assert amb_command(str(python)) == [str(python), "-m", "amb_core"]
+    (bare / "amb").write_text("#!/bin/sh\n")
+    assert amb_command(str(python)) == [str(bare / "amb")]
+
+
+def test_python_dash_m_amb_core_works_without_amb_on_path() -> None:
+    env = {**os.environ, "PATH": os.devnull}  # nothing on PATH at all: no `amb` to find
+    for command in (amb_command(), [sys.executable, "-m", "amb_core"]):
+        result = subprocess.run([*command, "--help"], capture_output=True, text=True,
+                                timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "usage: amb" in result.stdout and "publish" in result.stdout
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["publish"], ["subscribe"], ["request"],
