@@ -115,3 +115,36 @@ def test_cli_publish_and_request_errors_are_reported(capsys: pytest.CaptureFixtu
     assert "ValueError" in capsys.readouterr().err
     assert main(["request", "nobody", "1", "--timeout", "0.1"]) == 1
     assert "RequestTimeout" in capsys.readouterr().err
+
+
+def _clear_broker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AMB_URL", "REDIS_URL", "NATS_URL", "RABBITMQ_URL", "AMQP_URL",
+                 "KAFKA_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_cli_url_default_comes_from_the_environment_like_from_env(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _clear_broker_env(monkeypatch)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    assert main(["publish", "t", "1"]) == 1
+    assert "cannot connect to Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
+    monkeypatch.setenv("AMB_URL", "")  # blank counts as unset, it is not a URL
+    assert main(["publish", "t", "1"]) == 1
+    assert "cannot connect to Redis" in capsys.readouterr().err
+
+
+def test_cli_ambiguous_environment_is_an_error_but_help_still_works(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _clear_broker_env(monkeypatch)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")
+    assert main(["publish", "t", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "ValueError: ambiguous broker configuration: NATS_URL, REDIS_URL" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["publish", "--help"])
+    assert exit_info.value.code == 0
+    assert "AMB_URL" in capsys.readouterr().out

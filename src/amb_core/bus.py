@@ -236,6 +236,15 @@ class AgentMessageBus:
 
         return cls(broker=broker_from_url(url), **bus_options)
 
+    @classmethod
+    def from_env(cls, **bus_options: Any) -> AgentMessageBus:
+        """The broker the environment names: ``AMB_URL``; else the one of ``REDIS_URL``,
+        ``NATS_URL``, ``RABBITMQ_URL``/``AMQP_URL``, ``KAFKA_SERVERS`` that is set (several:
+        ValueError); else ``memory://``, with a warning. See :mod:`amb_core.config`."""
+        from amb_core.config import url_from_env
+
+        return cls.from_url(url_from_env(warn=True), **bus_options)
+
     def __repr__(self) -> str:
         state = "connected" if self._connected else "not connected"
         return f"<AgentMessageBus {self.broker!r} {state}>"

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +13,19 @@ from typing import Any
 import orjson
 
 from amb_core import AgentMessageBus, Message
+from amb_core.broker import mask_url
+from amb_core.config import url_from_env
 from amb_core.errors import AmbError
 
-DEFAULT_URL = os.environ.get("AMB_URL", "memory://")
+URL_HELP = ("broker URL (default: $AMB_URL, else the one of $REDIS_URL, $NATS_URL, "
+            "$RABBITMQ_URL/$AMQP_URL, $KAFKA_SERVERS that is set, else memory://; now: {now})")
+
+
+def _default_url_now() -> str:
+    try:
+        return mask_url(url_from_env())
+    except ValueError as exc:
+        return f"an error, {exc}"
 
 
 def _payload(text: str) -> Any:
@@ -110,14 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amb", description="amb-core, the Agent Message Bus: one API over any broker.",
         epilog="Broker URLs: memory:// redis:// rediss:// nats:// amqp:// amqps:// kafka:// "
-               "sqs:// azuresb://  (default: $AMB_URL or memory://)",
+               "sqs:// azuresb://  (default: $AMB_URL, else $REDIS_URL, $NATS_URL, "
+               "$RABBITMQ_URL/$AMQP_URL or $KAFKA_SERVERS, else memory://)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    url_help = URL_HELP.format(now=_default_url_now()).replace("%", "%%")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--url", default=DEFAULT_URL, help="broker URL (default: %(default)s)")
+        sub.add_argument("--url", default=None, help=url_help)
         return sub
 
     demo = command("demo", "run a small multi-agent scenario showing every pattern")
@@ -159,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.url is None:
+            args.url = url_from_env()  # here, so an ambiguous environment is reported as such
         with contextlib.suppress(KeyboardInterrupt):
             return int(asyncio.run(args.run(args)))
         return 130
