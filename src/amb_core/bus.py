@@ -261,6 +261,9 @@ class AgentMessageBus:
             return
         await self.broker.connect()
         self._connected = True
+        from amb_core.broker import mask_url  # reprs mask already; this guards a new adapter's
+
+        logger.info("connected to %s", mask_url(repr(self.broker)))
         if self._observer is not None:
             self._observer.refresh()  # picks up a tracer provider set since the bus was made
 
@@ -405,6 +408,8 @@ class AgentMessageBus:
             pattern, sub._deliver, group=consumer_group, prefetch=max_concurrency
         )
         self._subscriptions.add(sub)
+        logger.info("subscribed to %r %s", pattern, "(no consumer group)" if consumer_group is None
+                    else f"in consumer group {consumer_group!r}")
         return sub
 
     async def _stop_subscription(self, sub: Subscription, timeout: float | None) -> None:

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                "sqs:// azuresb://  (default: $AMB_URL, else $REDIS_URL, $NATS_URL, "
                "$RABBITMQ_URL/$AMQP_URL or $KAFKA_SERVERS, else memory://)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v logs at INFO (connects, subscriptions, retries), -vv at DEBUG")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     url_help = URL_HELP.format(now=_default_url_now()).replace("%", "%%")
 
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    level = (logging.WARNING, logging.INFO)[args.verbose] if args.verbose < 2 else logging.DEBUG
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.url is None:
