@@ -160,6 +160,10 @@ class Broker(ABC):
         """
         raise UnsupportedFeature(f"{type(self).__name__} keeps no log to replay")
 
+    async def delete_group(self, pattern: str, group: str) -> None:
+        """Remove the broker-side state of consumer group ``group`` on ``pattern``."""
+        raise UnsupportedFeature(f"{type(self).__name__} keeps no consumer-group state to delete")
+
     def publish_local(self, msg: Message) -> Awaitable[None] | None:
         """In-process brokers (``in_process = True``) only: take a Message without the wire.
 

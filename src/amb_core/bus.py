@@ -412,6 +412,14 @@ class AgentMessageBus:
                     else f"in consumer group {consumer_group!r}")
         return sub
 
+    async def delete_consumer_group(self, pattern: str, group: str) -> None:
+        """Remove a consumer group's durable state on the broker (its stream group, durable
+        consumer or queue). Raises UnsupportedFeature where the broker keeps none or cannot."""
+        self._require_connected()
+        validate_pattern(pattern)
+        validate_topic(group)
+        await self.broker.delete_group(pattern, group)
+
     async def _stop_subscription(self, sub: Subscription, timeout: float | None) -> None:
         if sub not in self._subscriptions:
             return
