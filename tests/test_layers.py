@@ -14,11 +14,11 @@ PACKAGE = SRC / "amb_core"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("amb_core._version", "amb_core._optional", "amb_core.errors", "amb_core.message",
               "amb_core.topics", "amb_core.retry", "amb_core.envelope",
-              "amb_core.deadletters", "amb_core.config", "amb_core.routing")),
+              "amb_core.deadletters", "amb_core.routing")),
     ("contract", ("amb_core.broker", "amb_core.hooks")),
     ("runtime", ("amb_core.runtime",)),
     ("adapters", ("amb_core.adapters", "amb_core.observability")),
-    ("bus", ("amb_core.bus",)),
+    ("bus", ("amb_core.bus", "amb_core.config")),
     ("entry points", ("amb_core", "amb_core.testing", "amb_core.cli", "amb_core.demo",
                       "amb_core.bench", "amb_core.__main__")),
 ]

@@ -265,6 +265,15 @@ class AgentMessageBus:
 
         return cls(broker=broker_from_url(url), **bus_options)
 
+    @classmethod
+    def from_env(cls, **bus_options: Any) -> AgentMessageBus:
+        """The broker the environment names: ``AMB_URL``; else the one of ``REDIS_URL``,
+        ``NATS_URL``, ``RABBITMQ_URL``/``AMQP_URL``, ``KAFKA_SERVERS`` that is set (several:
+        ValueError); else ``memory://``, with a warning. See :mod:`amb_core.config`."""
+        from amb_core.config import url_from_env
+
+        return cls.from_url(url_from_env(warn=True), **bus_options)
+
     def __repr__(self) -> str:
         state = "connected" if self._connected else "not connected"
         return f"<AgentMessageBus {self.broker!r} {state}>"
@@ -281,6 +290,9 @@ class AgentMessageBus:
             return
         await self.broker.connect()
         self._connected = True
+        from amb_core.broker import mask_url  # reprs mask already; this guards a new adapter's
+
+        logger.info("connected to %s", mask_url(repr(self.broker)))
         if self._observer is not None:
             self._observer.refresh()  # picks up a tracer provider set since the bus was made
 
@@ -426,7 +438,17 @@ class AgentMessageBus:
             pattern, sub._deliver, group=consumer_group, prefetch=max_concurrency
         )
         self._subscriptions.add(sub)
+        logger.info("subscribed to %r %s", pattern, "(no consumer group)" if consumer_group is None
+                    else f"in consumer group {consumer_group!r}")
         return sub
+
+    async def delete_consumer_group(self, pattern: str, group: str) -> None:
+        """Remove a consumer group's durable state on the broker (its stream group, durable
+        consumer or queue). Raises UnsupportedFeature where the broker keeps none or cannot."""
+        self._require_connected()
+        validate_pattern(pattern)
+        validate_topic(group)
+        await self.broker.delete_group(pattern, group)
 
     async def _stop_subscription(self, sub: Subscription, timeout: float | None) -> None:
         if sub not in self._subscriptions:

@@ -1,4 +1,5 @@
-"""The ``amb`` command: demo, publish, subscribe, request and bench over any broker URL."""
+"""The ``amb`` command: demo, publish, subscribe, request, serve, groups and bench over any
+broker URL."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +14,19 @@ from typing import Any
 import orjson
 
 from amb_core import AgentMessageBus, Message
+from amb_core.broker import mask_url
+from amb_core.config import url_from_env
 from amb_core.errors import AmbError
 
-DEFAULT_URL = os.environ.get("AMB_URL", "memory://")
+URL_HELP = ("broker URL (default: $AMB_URL, else the one of $REDIS_URL, $NATS_URL, "
+            "$RABBITMQ_URL/$AMQP_URL, $KAFKA_SERVERS that is set, else memory://; now: {now})")
+
+
+def _default_url_now() -> str:
+    try:
+        return mask_url(url_from_env())
+    except ValueError as exc:
+        return f"an error, {exc}"
 
 
 def _payload(text: str) -> Any:
@@ -49,8 +59,23 @@ def _show(msg: Message) -> str:
     return orjson.dumps({k: v for k, v in record.items() if v not in (None, {})}).decode()
 
 
+IN_PROCESS_WARNING = (
+    "amb: warning: memory:// is the in-memory broker, which lives only inside this one amb "
+    "process: no other process sees what it publishes or can send it anything. Name a shared "
+    "broker with --url or AMB_URL (e.g. redis://localhost:6379/0)."
+)
+
+
+def _bus(args: argparse.Namespace) -> AgentMessageBus:
+    """The command's bus; a command that talks across processes warns on an in-process broker."""
+    bus = AgentMessageBus.from_url(args.url)
+    if bus.broker.in_process:
+        print(IN_PROCESS_WARNING, file=sys.stderr, flush=True)
+    return bus
+
+
 async def _publish(args: argparse.Namespace) -> int:
-    async with AgentMessageBus.from_url(args.url) as bus:
+    async with _bus(args) as bus:
         for _ in range(args.count):
             await bus.publish(Message(topic=args.topic, payload=_payload(args.payload),
                                       headers=_headers(args.header),
@@ -70,7 +95,7 @@ async def _subscribe(args: argparse.Namespace) -> int:
         if args.count and received >= args.count:
             enough.set()
 
-    async with AgentMessageBus.from_url(args.url) as bus:
+    async with _bus(args) as bus:
         await bus.subscribe(args.pattern, show, consumer_group=args.group)
         print(f"listening on {args.pattern} ({bus.broker!r}); Ctrl-C stops", file=sys.stderr)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -79,13 +104,58 @@ async def _subscribe(args: argparse.Namespace) -> int:
 
 
 async def _request(args: argparse.Namespace) -> int:
-    async with AgentMessageBus.from_url(args.url) as bus:
+    bus = AgentMessageBus.from_url(args.url)
+    if bus.broker.in_process:
+        # A fresh process's in-memory broker has no subscribers: waiting out the timeout
+        # would only hide the mistake.
+        print(
+            f"amb: request on {mask_url(args.url)} cannot be answered: the in-memory broker lives "
+            f"only inside this one amb process, and nothing in it serves {args.topic!r}. Name the "
+            "broker your service listens on with --url or AMB_URL (e.g. "
+            f"redis://localhost:6379/0), and answer with `amb serve {args.topic} --url ...` or "
+            "your own subscriber.", file=sys.stderr,
+        )
+        return 2
+    async with bus:
         reply = await bus.request(
             Message(topic=args.topic, payload=_payload(args.payload),
                     headers=_headers(args.header)),
             timeout=args.timeout,
         )
     print(_show(reply))
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    fixed = None if args.reply is None else _payload(args.reply)
+    served = 0
+    enough = asyncio.Event()
+
+    async with _bus(args) as bus:
+
+        async def answer(msg: Message) -> None:
+            nonlocal served
+            print(_show(msg), flush=True)
+            if msg.reply_to is None:
+                return  # a plain publish: nobody waits for an answer
+            await bus.reply(msg, msg.payload if fixed is None else fixed)
+            served += 1
+            if args.count and served >= args.count:
+                enough.set()
+
+        await bus.subscribe(args.topic, answer, consumer_group=args.group)
+        group = f" in consumer group {args.group!r}" if args.group else ""
+        mode = "echoing each request" if fixed is None else f"replying {args.reply}"
+        print(f"serving {args.topic} on {mask_url(args.url)}{group}, {mode}; Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        await enough.wait()
+    return 0
+
+
+async def _groups_delete(args: argparse.Namespace) -> int:
+    async with AgentMessageBus.from_url(args.url) as bus:
+        await bus.delete_consumer_group(args.pattern, args.group)
+        print(f"deleted consumer group {args.group!r} of {args.pattern!r} on {bus.broker!r}")
     return 0
 
 
@@ -110,14 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amb", description="amb-core, the Agent Message Bus: one API over any broker.",
         epilog="Broker URLs: memory:// redis:// rediss:// nats:// amqp:// amqps:// kafka:// "
-               "sqs:// azuresb://  (default: $AMB_URL or memory://)",
+               "sqs:// azuresb://  (default: $AMB_URL, else $REDIS_URL, $NATS_URL, "
+               "$RABBITMQ_URL/$AMQP_URL or $KAFKA_SERVERS, else memory://)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v logs at INFO (connects, subscriptions, retries), -vv at DEBUG")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    url_help = URL_HELP.format(now=_default_url_now()).replace("%", "%%")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--url", default=DEFAULT_URL, help="broker URL (default: %(default)s)")
+        sub.add_argument("--url", default=None, help=url_help)
         return sub
 
     demo = command("demo", "run a small multi-agent scenario showing every pattern")
@@ -145,6 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--timeout", type=float, default=30.0)
     request.set_defaults(run=_request)
 
+    serve = command("serve", "answer each request on TOPIC (wildcards * and >): echo its "
+                             "payload back (the default), or reply a fixed PAYLOAD")
+    serve.add_argument("topic")
+    answer = serve.add_mutually_exclusive_group()
+    answer.add_argument("--reply", metavar="PAYLOAD",
+                        help="reply this (JSON, or else a string) to every request")
+    answer.add_argument("--echo", action="store_true",
+                        help="reply each request's own payload (the default)")
+    serve.add_argument("-g", "--group", help="join this consumer group (servers share requests)")
+    serve.add_argument("-n", "--count", type=int, default=0,
+                       help="stop after answering N requests")
+    serve.set_defaults(run=_serve)
+
+    groups_help = "manage consumer groups' state on the broker"
+    groups = commands.add_parser("groups", help=groups_help, description=groups_help)
+    group_commands = groups.add_subparsers(dest="groups_command", required=True,
+                                           metavar="COMMAND")
+    delete_help = ("delete the broker-side state of consumer group GROUP on PATTERN (its "
+                   "stream group, durable consumer or queue, with the messages waiting in it)")
+    delete = group_commands.add_parser("delete", help=delete_help, description=delete_help)
+    delete.add_argument("pattern")
+    delete.add_argument("group")
+    delete.add_argument("--url", default=None, help=url_help)
+    delete.set_defaults(run=_groups_delete)
+
     bench = command("bench", "measure throughput and request/response round trips")
     bench.add_argument("--messages", type=int, default=200_000)
     bench.add_argument("--requests", type=int, default=20_000)
@@ -156,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    level = (logging.WARNING, logging.INFO)[args.verbose] if args.verbose < 2 else logging.DEBUG
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.url is None:
+            args.url = url_from_env()  # here, so an ambiguous environment is reported as such
         with contextlib.suppress(KeyboardInterrupt):
             return int(asyncio.run(args.run(args)))
         return 130

@@ -79,18 +79,49 @@ _MICROSECOND = datetime.resolution
 _FRACTION = re.compile(r"\.(\d+)")
 
 
+class _NotJSON(TypeError):
+    """What :func:`_json_default` raises: orjson chains it as ``__cause__``, with its type."""
+
+    def __init__(self, value: Any) -> None:
+        self.type_name = type(value).__name__
+        super().__init__(f"Type is not JSON serializable: {self.type_name}")
+
+
 def _json_default(value: Any) -> Any:
     dump = getattr(value, "model_dump", None)  # pydantic v2 models
     if dump is not None:
         return dump(mode="json")
-    raise TypeError(f"payload of type {type(value).__name__} is not JSON serialisable")
+    raise _NotJSON(value)
 
 
-def encode_data(payload: Any) -> tuple[bytes, str]:
-    """The body bytes and content type of a payload: bytes pass through, the rest is JSON."""
+_HINT = "(send bytes, or a JSON-able value / pydantic model)"
+
+
+def _not_json(payload: Any, topic: str | None, exc: orjson.JSONEncodeError) -> TypeError:
+    """The error a user can act on: which message, which type, what to send instead."""
+    where = "payload" if topic is None else f"payload of message on {topic!r}"
+    outer = type(payload).__name__
+    cause = exc.__cause__
+    if isinstance(cause, _NotJSON):
+        what = cause.type_name
+        if what != outer:
+            what += f" (inside the {outer} payload)"
+    else:
+        what = f"{outer} ({exc})"
+    return TypeError(f"{where} is not JSON-serialisable: {what} {_HINT}")
+
+
+def encode_data(payload: Any, *, topic: str | None = None) -> tuple[bytes, str]:
+    """The body bytes and content type of a payload: bytes pass through, the rest is JSON.
+
+    A payload orjson cannot encode raises TypeError naming ``topic`` (used only for that text)
+    and the offending type."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload), OCTET_STREAM
-    return orjson.dumps(payload, default=_json_default), JSON
+    try:
+        return orjson.dumps(payload, default=_json_default), JSON
+    except orjson.JSONEncodeError as exc:
+        raise _not_json(payload, topic, exc) from exc
 
 
 def _decode_data(body: bytes, content_type: str | None) -> Any:
@@ -115,7 +146,7 @@ def _names(prefix: str) -> tuple[str, ...]:
 
 def encode_binary(msg: Message, *, prefix: str = "ce-") -> tuple[bytes, dict[str, str]]:
     """Message -> (body, headers) with the CloudEvents attributes as ``prefix``-named headers."""
-    body, content_type = encode_data(msg.payload)
+    body, content_type = encode_data(msg.payload, topic=msg.topic)
     (specversion, id_, source, type_, time_, correlationid, causationid, replyto,
      attempt) = _names(prefix)
     headers = dict(msg.headers) if msg.headers else {}
@@ -207,7 +238,17 @@ def encode_structured(msg: Message) -> bytes:
         event["ambattempt"] = msg.attempt
     if msg.headers:
         event["ambheaders"] = msg.headers
-    return orjson.dumps(event, default=_json_default)
+    try:
+        return orjson.dumps(event, default=_json_default)
+    except orjson.JSONEncodeError as exc:
+        if "data" in event:
+            encode_data(payload, topic=msg.topic)  # raises the payload's own error if it is that
+        cause = exc.__cause__
+        what = cause.type_name if isinstance(cause, _NotJSON) else str(exc)
+        raise TypeError(
+            f"message on {msg.topic!r} is not JSON-serialisable: {what} outside the payload "
+            "(headers and attributes must be strings)"
+        ) from exc
 
 
 def decode_structured(body: bytes, *, topic: str) -> Message:

@@ -158,7 +158,7 @@ class MemoryBroker(Broker):
     def publish_local(self, msg: Message) -> Awaitable[None] | None:
         topic = msg.topic
         targets = self._route(topic)
-        body, content_type = encode_data(msg.payload)
+        body, content_type = encode_data(msg.payload, topic=topic)
         is_json = content_type != OCTET_STREAM
         if self.log_size:
             self._log.append((
