@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -159,6 +160,37 @@ async def _groups_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _dead_letters_list(args: argparse.Namespace) -> int:
+    async with AgentMessageBus.from_url(args.url) as bus:
+        destination = args.topic or bus.broker.default_dead_letter_topic
+        letters = await bus.dead_letters(destination, limit=args.limit or None)
+        for letter in letters:
+            at = letter.dead_lettered_at
+            print(orjson.dumps({
+                "id": letter.message.id,
+                "original_topic": letter.original_topic,
+                "error_type": letter.error_type,
+                "error_message": letter.error_message,
+                "attempts": letter.attempts,
+                "time": None if at is None else datetime.fromtimestamp(at, timezone.utc)
+                .isoformat(),
+                "position": letter.position,
+            }).decode(), flush=True)
+        print(f"{len(letters)} dead letter(s) at {destination}", file=sys.stderr)
+    return 0
+
+
+async def _dead_letters_redrive(args: argparse.Namespace) -> int:
+    async with AgentMessageBus.from_url(args.url) as bus:
+        destination = args.topic or bus.broker.default_dead_letter_topic
+        result = await bus.redrive_dead_letters(destination, limit=args.limit or None)
+        print(f"redriven {result.redriven} dead letter(s) from {destination} to their original "
+              f"topics; removed {result.removed} from {destination}")
+        if result.kept:
+            print(f"kept at {destination}: {result.kept}", file=sys.stderr)
+    return 0
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from amb_core.demo import run_demo
 
@@ -242,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("group")
     delete.add_argument("--url", default=None, help=url_help)
     delete.set_defaults(run=_groups_delete)
+
+    letters_help = "look at and redrive the letters kept at a dead-letter destination"
+    letters = commands.add_parser("dead-letters", help=letters_help, description=letters_help)
+    letter_commands = letters.add_subparsers(dest="letters_command", required=True,
+                                             metavar="COMMAND")
+    for name, help_text, run in (
+        ("list", "print the kept letters as JSON lines (id, original topic, error type and "
+         "text, attempts, time), oldest first, without removing them", _dead_letters_list),
+        ("redrive", "publish the kept letters back to their original topics with a fresh "
+         "attempt count, then remove them where the broker can (it says where it cannot)",
+         _dead_letters_redrive),
+    ):
+        sub = letter_commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("topic", nargs="?", default=None,
+                         help="the dead-letter topic (default: the broker's own)")
+        sub.add_argument("--limit", type=int, default=0, help="at most N letters")
+        sub.add_argument("--url", default=None, help=url_help)
+        sub.set_defaults(run=run)
 
     bench = command("bench", "measure throughput and request/response round trips")
     bench.add_argument("--messages", type=int, default=200_000)
