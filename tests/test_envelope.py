@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from datetime import datetime, timezone
 
@@ -189,3 +190,36 @@ def test_time_round_trip(micros: int) -> None:
 def test_parse_time_accepts_other_rfc3339_forms() -> None:
     assert parse_time("1970-01-01T00:00:01Z") == 1.0
     assert parse_time("1970-01-01T01:00:01.5+01:00") == 1.5
+
+
+def test_ordering_key_travels_as_partitionkey_in_both_modes() -> None:
+    msg = Message(topic="orders", payload={"n": 1}, key="customer-7")
+    body, headers = encode_binary(msg, prefix="ce_")
+    assert headers["ce_partitionkey"] == "customer-7"
+    decoded = decode_binary(body, headers, topic="orders", prefix="ce_")
+    assert decoded.key == "customer-7" and decoded.headers == {}
+    structured = decode_structured(encode_structured(msg), topic="orders")
+    assert structured.key == "customer-7"
+    assert orjson.loads(encode_structured(msg))["partitionkey"] == "customer-7"
+    plain, plain_headers = encode_binary(Message(topic="orders", payload=1), prefix="ce_")
+    assert "ce_partitionkey" not in plain_headers
+    assert decode_binary(plain, plain_headers, topic="orders", prefix="ce_").key is None
+    assert msg.copy().key == "customer-7"
+
+
+async def test_ordering_key_reaches_the_handler_in_process() -> None:
+    from amb_core import AgentMessageBus
+
+    got: list[Message] = []
+    async with AgentMessageBus(observer=False) as bus:
+        done = asyncio.Event()
+
+        async def handle(m: Message) -> None:
+            got.append(m)
+            done.set()
+
+        await bus.subscribe("orders", handle)
+        await bus.publish(Message(topic="orders", payload=1, key="k-1"))
+        await asyncio.wait_for(done.wait(), 5)
+        assert got[0].key == "k-1"
+        assert [m.key async for m in bus.replay("orders")] == ["k-1"]

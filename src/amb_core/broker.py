@@ -49,6 +49,9 @@ class Capabilities:
     """The adapter survives a broker restart and restores its subscriptions by itself."""
     max_payload: int | None = None
     """Largest body in bytes the broker accepts; None means no limit that matters here."""
+    ordering_keys: bool = False
+    """Messages with the same ``Message.key`` keep their order across a consumer group's
+    members (Kafka partitions, SQS FIFO message groups, Service Bus sessions)."""
 
 
 class Delivery:

@@ -7,7 +7,8 @@ are, and the body is the data alone. Structured mode (brokers without headers): 
 user's headers under the extension ``ambheaders``.
 
 Extensions: ``correlationid``, ``causationid`` (the CloudEvents correlation extension),
-``ambreplyto`` and ``ambattempt``. W3C ``traceparent`` is an ordinary header.
+``partitionkey`` (the partitioning extension: ``Message.key``), ``ambreplyto`` and
+``ambattempt``. W3C ``traceparent`` is an ordinary header.
 
 Decoding never raises anything but :class:`DecodeError`, and only for input that claims to be an
 envelope (``specversion`` present) but is broken. Anything else is foreign: it is returned as a
@@ -33,7 +34,7 @@ OCTET_STREAM = "application/octet-stream"
 CONTENT_TYPE = "content-type"
 _ATTRIBUTES = (
     "specversion", "id", "source", "type", "time", "correlationid", "causationid",
-    "ambreplyto", "ambattempt",
+    "ambreplyto", "ambattempt", "partitionkey",
 )
 
 # --- RFC 3339 time, cached per second (formatting a datetime per message costs more than the rest)
@@ -148,7 +149,7 @@ def encode_binary(msg: Message, *, prefix: str = "ce-") -> tuple[bytes, dict[str
     """Message -> (body, headers) with the CloudEvents attributes as ``prefix``-named headers."""
     body, content_type = encode_data(msg.payload, topic=msg.topic)
     (specversion, id_, source, type_, time_, correlationid, causationid, replyto,
-     attempt) = _names(prefix)
+     attempt, partitionkey) = _names(prefix)
     headers = dict(msg.headers) if msg.headers else {}
     headers[specversion] = "1.0"
     headers[id_] = msg.id
@@ -164,6 +165,8 @@ def encode_binary(msg: Message, *, prefix: str = "ce-") -> tuple[bytes, dict[str
         headers[replyto] = msg.reply_to
     if msg.attempt != 1:
         headers[attempt] = str(msg.attempt)
+    if msg.key is not None:
+        headers[partitionkey] = msg.key
     return body, headers
 
 
@@ -174,15 +177,18 @@ def decode_binary(
     names = _names(prefix)
     if names[0] not in headers:
         return Message(topic=topic, payload=bytes(body), headers=dict(headers))
-    (_, id_, source, type_, time_, correlationid, causationid, replyto, attempt) = names
+    (_, id_, source, type_, time_, correlationid, causationid, replyto, attempt,
+     partitionkey) = names
     get = headers.get
     try:
         msg_id = headers[id_]
         timestamp = get(time_)
         attempts = get(attempt)
+        key = get(partitionkey)
         # Usually the headers are exactly the envelope's: skip the filtering pass then.
         envelope_count = 6 + ((correlationid in headers) + (causationid in headers)
-                              + (replyto in headers) + (attempts is not None))
+                              + (replyto in headers) + (attempts is not None)
+                              + (key is not None))
         if len(headers) == envelope_count and CONTENT_TYPE in headers:
             user_headers: dict[str, str] = {}
         else:
@@ -202,6 +208,8 @@ def decode_binary(
             1 if attempts is None else int(attempts),
             get(source, "amb-core"),
             get(type_, "amb.message"),
+            None,
+            key,
         )
     except DecodeError:
         raise
@@ -236,6 +244,8 @@ def encode_structured(msg: Message) -> bytes:
         event["ambreplyto"] = msg.reply_to
     if msg.attempt != 1:
         event["ambattempt"] = msg.attempt
+    if msg.key is not None:
+        event["partitionkey"] = msg.key
     if msg.headers:
         event["ambheaders"] = msg.headers
     try:
@@ -285,6 +295,7 @@ def decode_structured(body: bytes, *, topic: str) -> Message:
             attempt=int(event.get("ambattempt", 1)),
             source=_optional_str(event, "source") or "amb-core",
             type=_optional_str(event, "type") or "amb.message",
+            key=_optional_str(event, "partitionkey"),
         )
     except DecodeError:
         raise

@@ -53,7 +53,9 @@ class Message:
     dict), or ``bytes`` (passed through untouched). ``headers`` are string pairs that travel
     with the message. ``attempt`` counts deliveries of this message to a handler (1 on the first);
     a retried message keeps its ``id``. ``position`` is the broker's log position (stream id,
-    sequence, offset) where the broker has one, else None.
+    sequence, offset) where the broker has one, else None. ``key`` is an ordering key: brokers
+    that declare ``Capabilities.ordering_keys`` keep messages with the same key in order across
+    a consumer group (Kafka's record key; the CloudEvents ``partitionkey`` attribute on the wire).
     """
 
     topic: str
@@ -68,6 +70,7 @@ class Message:
     source: str = "amb-core"
     type: str = "amb.message"
     position: int | str | None = field(default=None, compare=False)
+    key: str | None = None
 
     def copy(self, **changes: Any) -> Message:
         """A shallow copy with some fields changed (headers copied, so the copy can add to them)."""
@@ -75,7 +78,7 @@ class Message:
         clone = Message(
             self.topic, self.payload, dict(self.headers), self.correlation_id, self.reply_to,
             self.id, self.timestamp, self.causation_id, self.attempt, self.source, self.type,
-            self.position,
+            self.position, self.key,
         )
         if changes:
             unknown = changes.keys() - _FIELD_NAMES

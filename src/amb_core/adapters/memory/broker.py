@@ -46,7 +46,7 @@ class _Target:
 # A replay log entry, a flat tuple of plain values: cheap to build on every publish, and not
 # tracked by the garbage collector (it keeps no reference to the publisher's payload objects):
 # (position, topic, timestamp, body, raw_headers, is_json, id, headers, correlation_id,
-#  causation_id, reply_to, source, type). ``raw_headers`` is set (and the rest None) for bytes
+#  causation_id, reply_to, source, type, key). ``raw_headers`` is set (and the rest None) for bytes
 # published with ``publish``, as a foreign producer would.
 _LogEntry = tuple[Any, ...]
 
@@ -93,6 +93,7 @@ def _clone(msg: Message, payload: Any) -> Message:
     copy.source = msg.source
     copy.type = msg.type
     copy.position = None
+    copy.key = msg.key
     return copy
 
 
@@ -164,7 +165,7 @@ class MemoryBroker(Broker):
             self._log.append((
                 next(self._positions), topic, msg.timestamp, body, None, is_json, msg.id,
                 dict(msg.headers) if msg.headers else None, msg.correlation_id,
-                msg.causation_id, msg.reply_to, msg.source, msg.type,
+                msg.causation_id, msg.reply_to, msg.source, msg.type, msg.key,
             ))
         blocked: list[tuple[Buffer[Delivery], Delivery]] | None = None
         for target in targets:
@@ -181,7 +182,7 @@ class MemoryBroker(Broker):
         targets = self._route(topic)
         if self.log_size:
             entry = (next(self._positions), topic, time.time(), body, dict(headers), False)
-            self._log.append(entry + (None,) * 7)
+            self._log.append(entry + (None,) * 8)
         for target in targets:
             await target.channel.put(Delivery(topic, body, dict(headers)))
 
@@ -230,12 +231,13 @@ class MemoryBroker(Broker):
             if raw_headers is not None:
                 yield Delivery(entry_topic, body, dict(raw_headers), position=position)
                 continue
-            msg_id, headers, correlation_id, causation_id, reply_to, source, kind = entry[6:]
+            (msg_id, headers, correlation_id, causation_id, reply_to, source, kind,
+             key) = entry[6:]
             message = Message(
                 topic=entry_topic, payload=orjson.loads(body) if is_json else body,
                 headers=dict(headers or {}), correlation_id=correlation_id, reply_to=reply_to,
                 id=msg_id, timestamp=timestamp, causation_id=causation_id, source=source,
-                type=kind, position=position,
+                type=kind, position=position, key=key,
             )
             yield Delivery(entry_topic, body, {}, position=position, message=message)
 
