@@ -72,7 +72,7 @@ class PubSub:
         self.last_read = 0.0
         self.supervisor = Supervisor(
             f"Redis pub/sub at {broker.masked_url}", open=self._open, until_lost=self._read,
-            discard=self._discard, policy=broker.reconnect, errors=connection_errors(),
+            discard=self._discard, policy=broker.reconnect, errors=(Exception,),
         )
         self.started: OnDemand[Supervisor] = OnDemand(self._start)
         self._watchdog: asyncio.Task[None] | None = None
@@ -100,6 +100,15 @@ class PubSub:
             await conn.disconnect(nowait=True)
 
     async def _read(self) -> None:
+        """Until the connection is lost (then the supervisor reconnects with backoff)."""
+        try:
+            await self._read_loop()
+        except Exception as exc:
+            if not isinstance(exc, self.broker.connection_errors):
+                logger.exception("the pub/sub reader failed; reconnecting")
+            raise
+
+    async def _read_loop(self) -> None:
         conn = self.conn
         assert conn is not None
         exact, globs, topics = self.exact, self.globs, self.topics
