@@ -4,6 +4,7 @@ from other processes, deleting a group, and replay of a topic Redis did not keep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -202,3 +203,40 @@ async def test_replay_of_a_topic_without_a_stream_says_why(
             # A kept topic replayed past its end: nothing, and nothing to warn about.
             assert [m async for m in bus.replay(f"{topic}.kept.a", since=2**41)] == []
         assert caplog.records == []
+
+
+async def test_a_slow_batch_keeps_its_read_ahead(raw: redis.Redis, topic: str) -> None:
+    """A full batch makes the member ask for the next one at once (read-ahead); those entries
+    are pending on the server from then on. A batch that takes longer than claim_idle must
+    not let another member take them over before their turn comes."""
+    claim_idle = 1.0
+    await raw.xgroup_create(topic, "g", id="$", mkstream=True)
+    busy = AgentMessageBus(broker=RedisBroker(URL, claim_idle=claim_idle, batch_size=2))
+    other_bus = AgentMessageBus(broker=RedisBroker(URL, claim_idle=claim_idle))
+    await busy.connect()
+    await other_bus.connect()
+    handled: list[int] = []
+    started, all_four = asyncio.Event(), asyncio.Event()
+
+    async def slow(msg: Message) -> None:
+        started.set()
+        await asyncio.sleep(claim_idle * 0.8)
+        handled.append(msg.payload)
+        if len(handled) == 4:
+            all_four.set()
+
+    other = Collector()
+    try:
+        for i in range(4):  # before the member reads: its first batch is full (2 of 4)
+            await busy.publish(Message(topic=topic, payload=i))
+        await busy.subscribe(topic, slow, consumer_group="g")  # one at a time (prefetch 1)
+        await asyncio.wait_for(started.wait(), 10)
+        await other_bus.subscribe(topic, other, consumer_group="g")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_four.wait(), 15)
+        await asyncio.sleep(claim_idle)  # a window for a late take-over to show up
+        assert other.payloads == [], "another member took over entries read ahead"
+        assert handled == [0, 1, 2, 3]
+    finally:
+        await other_bus.close(timeout=2.0)
+        await busy.close(timeout=2.0)

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("amb_core.adapters.redis")
 
+_NOT_READ: Any = object()
+
 
 class StreamDelivery(Delivery):
     __slots__ = ("_id", "_member")
@@ -102,29 +104,35 @@ class GroupMember(BrokerSubscription):
         claim_interval = self.broker.claim_idle / 2
         next_claim = 0.0
         read_ahead = False
+        early: Any = _NOT_READ  # the read-ahead's reply, when it was read during a batch
         while not self.closing:
             conn = self.conn
             assert conn is not None
             try:
-                if not read_ahead:
-                    if time.monotonic() >= next_claim:
-                        await self._claim()
-                        next_claim = time.monotonic() + claim_interval
-                    await self._send_read(conn, next_claim)
-                read_ahead = False
-                reply = await conn.read_response(disable_decoding=True)
+                if early is not _NOT_READ:
+                    reply, early = early, _NOT_READ
+                else:
+                    if not read_ahead:
+                        if time.monotonic() >= next_claim:
+                            await self._claim()
+                            next_claim = time.monotonic() + claim_interval
+                        await self._send_read(conn, next_claim)
+                    read_ahead = False
+                    reply = await conn.read_response(disable_decoding=True)
                 if reply:
                     entries = reply[0][1]
                     if len(entries) >= self.count and time.monotonic() < next_claim:
                         # A full batch: the stream is busy, so ask for the next one now and
                         # let Redis answer while this one is handled.
                         await self._send_read(conn, next_claim)
-                        read_ahead = True
-                    await self._deliver(entries, None)
+                        early = await self._deliver(entries, None, conn)
+                        read_ahead = early is _NOT_READ
+                    else:
+                        await self._deliver(entries, None)
             except response_error as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
-                read_ahead = False
+                read_ahead, early = False, _NOT_READ
                 logger.warning("group %s on %s vanished (deleted, or the server lost it); "
                                "re-creating it", self.group.decode(), self.topic)
                 await self.broker.create_group(self.topic, self.group)
@@ -160,18 +168,41 @@ class GroupMember(BrokerSubscription):
             if cursor == b"0-0" or not entries:
                 return
 
-    async def _deliver(self, entries: list[Any], counts: dict[bytes, int] | None) -> None:
+    async def _deliver(self, entries: list[Any], counts: dict[bytes, int] | None,
+                       ahead: AbstractConnection | None = None) -> Any:
+        """Hand ``entries`` to the handler, in order, skipping any whose lease was lost.
+
+        With ``ahead`` (the connection a read-ahead was sent on), a batch still running after
+        ``claim_idle / 4`` reads the read-ahead's reply and renews and holds its entries at
+        once: they are pending on the server from the moment Redis sent them, and would be
+        taken over by another member if they only started being renewed after this batch.
+        Returns that reply, or ``_NOT_READ`` when it was not read."""
         handler, leases = self.handler, self.leases
         hold = leases.hold
         for entry in entries:
             hold(entry[0])
+        early: Any = _NOT_READ
+        read_by = time.monotonic() + self.broker.claim_idle / 4 if ahead is not None else 0.0
         for entry_id, fields in entries:
             if self.closing:
-                return
+                break
             if entry_id not in leases:
                 continue  # its lease was lost to another member while it waited here
+            if ahead is not None and time.monotonic() > read_by:
+                early = await ahead.read_response(disable_decoding=True)
+                ahead = None
+                if early:
+                    ids = [e[0] for e in early[0][1]]
+                    for entry_ahead in ids:
+                        hold(entry_ahead)
+                    try:
+                        await self._renew(ids)
+                    except Exception:  # the lease keeper renews them on its next tick
+                        logger.warning("renewing %d read-ahead entries of %s failed",
+                                       len(ids), self.topic, exc_info=True)
             count = counts.get(entry_id, 1) if counts is not None else 1
             await handler(StreamDelivery(self, entry_id, entry_body(fields), count))
+        return early
 
     def settle(self, entry_id: bytes) -> None:
         self.leases.release(entry_id)
