@@ -58,3 +58,20 @@ class TestRedisContract(BrokerContract):
         self, private_redis: PrivateRedis
     ) -> tuple[Callable[[], RedisBroker], Callable[[], Awaitable[None]]]:
         return (lambda: RedisBroker(private_redis.url, claim_idle=1.0), private_redis.restart)
+
+
+class TestRedisContractPublicReplies(TestRedisContract):
+    """The whole suite again with the fast path off: replies read by redis-py's public
+    read_response() (what an untested redis-py version gets)."""
+
+    @pytest.fixture
+    def broker_factory(self) -> Callable[[], RedisBroker]:
+        require_server("redis", HOST, PORT)
+        return lambda: RedisBroker(URL, claim_idle=1.0, stream_topics=["ct.>"], fast_path=False)
+
+    @pytest.fixture
+    def restartable(
+        self, private_redis: PrivateRedis
+    ) -> tuple[Callable[[], RedisBroker], Callable[[], Awaitable[None]]]:
+        return (lambda: RedisBroker(private_redis.url, claim_idle=1.0, fast_path=False),
+                private_redis.restart)
