@@ -53,7 +53,7 @@ async def stream_messages(broker: NATSBroker, topic: str) -> list[Any]:
     nc = await nats.connect(URL)
     try:
         js = nc.jetstream()
-        info = await js.stream_info(await broker._stream_for(topic), subjects_filter=topic)
+        info = await js.stream_info(await broker._js.stream_for(topic), subjects_filter=topic)
         return [info.state.subjects.get(topic, 0) if info.state.subjects else 0]
     finally:
         await nc.close()
@@ -242,8 +242,8 @@ async def test_dead_letter_then_acked_not_redelivered(topic: str) -> None:
         nc = await nats.connect(URL)
         try:
             js = nc.jetstream()
-            stream = await broker._stream_for(topic)
-            info = await js.consumer_info(stream, broker._consumer_name("g", topic))
+            stream = await broker._js.stream_for(topic)
+            info = await js.consumer_info(stream, broker._js.consumer_name("g", topic))
             assert info.num_ack_pending == 0 and info.num_pending == 0
         finally:
             await nc.close()
@@ -357,7 +357,7 @@ async def test_concurrent_publishes_pipeline_their_acks(topic: str) -> None:
         async def watch() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, len(broker._acks))
+                peak = max(peak, len(broker._js.acks))
                 await asyncio.sleep(0)
 
         watcher = asyncio.create_task(watch())
@@ -409,7 +409,7 @@ async def test_unacknowledged_publish_times_out_and_nothing_is_left_waiting(
             private_nats.process.send_signal(signal.SIGCONT)
         assert all(isinstance(r, TimeoutError) for r in results), results
         assert 0.4 < elapsed < 3.0
-        assert not broker._acks and not len(broker._deadlines)
+        assert not broker._js.acks and not len(broker._js.deadlines)
         await bus.publish(Message(topic="frozen.x", payload="after"))  # and it recovers
 
 
@@ -419,7 +419,7 @@ async def test_max_pending_acks_window(topic: str) -> None:
         for i in range(1000):
             await bus.publish(Message(topic=topic, payload=i))
         await broker.flush()
-        assert not broker._acks
+        assert not broker._js.acks
         assert [m.payload async for m in bus.replay(topic)] == list(range(1000))
 
 
