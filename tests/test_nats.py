@@ -748,3 +748,20 @@ async def test_a_kept_dead_letter_topic_is_marked_on_the_server(topic: str) -> N
         assert late == [b"new"]  # in stream order: "old" would have come first
     finally:
         await reader.close()
+
+
+async def test_one_stream_that_misses_the_dead_letter_topic_says_so_at_subscribe() -> None:
+    """With ``stream=`` the dead-letter topic must be one of its subjects: the subscription
+    that would dead-letter there fails at once, not its first dead letter later."""
+    require_server("nats", HOST, PORT)
+    name = f"AMBTEST_{uuid.uuid4().hex[:8]}"
+    broker = js_broker(stream=name, stream_subjects=[f"{name}.>"])
+    async with AgentMessageBus(broker=broker) as bus:
+        try:
+            await bus.subscribe(f"{name}.work", Collector(), consumer_group="g",
+                                dead_letter_topic=f"{name}.dlq")  # captured: fine
+            with pytest.raises(UnsupportedFeature, match="add it to stream_subjects"):
+                await bus.subscribe(f"{name}.work", Collector(), consumer_group="g")
+        finally:
+            assert broker._js is not None
+            await broker._js.api().delete_stream(name)

@@ -72,6 +72,8 @@ _NAK = b"-NAK"
 _STREAM_NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
 _CONSUMER_EXISTS = (10013, 10148)
 """a durable consumer of that name exists (with another configuration)"""
+_NOT_IN_STREAM = 10093
+"""a consumer's filter subject is not among its stream's subjects"""
 
 
 def _is_not_found(exc: BaseException) -> bool:
@@ -428,6 +430,12 @@ class JetStream:
                 try:
                     await self.api().add_consumer(stream, config)
                 except APIError as exc:
+                    if exc.err_code == _NOT_IN_STREAM:
+                        raise UnsupportedFeature(
+                            f"stream {stream!r} does not capture the dead-letter topic "
+                            f"{topic!r}, so its letters could not be kept: add it to "
+                            "stream_subjects"
+                        ) from None
                     if exc.err_code not in _CONSUMER_EXISTS:
                         raise
         self.kept.add(topic)
