@@ -153,6 +153,8 @@ def test_reconnect_options_are_one_policy() -> None:
     assert alias.reconnect.initial_delay == alias.reconnect.max_delay == 0.2
     assert alias.connect_timeout == 1.0
     assert NATSBroker.from_url("nats://h:4222?reconnect_time_wait=0.3").reconnect.max_delay == 0.3
+    with pytest.raises(ValueError, match="ReconnectPolicy"):
+        NATSBroker(max_reconnect_attempts=3)  # nats-py's own name: one set of options
 
 
 async def test_user_password_pass_through_and_not_logged(

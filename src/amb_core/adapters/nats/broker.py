@@ -262,6 +262,12 @@ class NATSBroker(Broker):
                 "tls": tls, "tls_hostname": tls_hostname,
             }.items() if value is not None
         }
+        taken = sorted(set(options) & {"max_reconnect_attempts", "reconnect_to_server_handler",
+                                       "allow_reconnect", "error_cb", "disconnected_cb",
+                                       "reconnected_cb"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: the adapter sets these; pass "
+                             "reconnect=ReconnectPolicy(...) for the reconnect options")
         self._options = options
         self._inbox_prefix = str(options.get("inbox_prefix", "_INBOX"))
         base = JETSTREAM_CAPABILITIES if use_jetstream else CORE_CAPABILITIES
