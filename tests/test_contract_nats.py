@@ -13,6 +13,7 @@ from tests.conftest import require_server
 from tests.servers import PrivateNATS
 
 from amb_core.adapters.nats import NATSBroker, flush_in_order
+from amb_core.runtime import ReconnectPolicy
 from amb_core.testing import BrokerContract
 
 HOST, PORT = "127.0.0.1", 4222
@@ -61,8 +62,8 @@ class _NATSContract(BrokerContract):
         self, private_nats: PrivateNATS
     ) -> tuple[Callable[[], NATSBroker], Callable[[], Awaitable[None]]]:
         return (
-            lambda: make_broker(private_nats.url, self.jetstream, reconnect_time_wait=0.2,
-                                fast_path=self.fast_path),
+            lambda: make_broker(private_nats.url, self.jetstream, fast_path=self.fast_path,
+                                reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.2)),
             private_nats.restart,
         )
 

@@ -22,8 +22,15 @@ from tests.test_contract_nats import HOST, PORT, URL
 from amb_core import AgentMessageBus, Message, RetryPolicy
 from amb_core.adapters import broker_from_url
 from amb_core.adapters.nats import NATSBroker, flush_in_order
-from amb_core.errors import BrokerConnectionError, NoResponders, RequestTimeout
+from amb_core.errors import (
+    BrokerConnectionError,
+    NoResponders,
+    NotConnected,
+    RequestTimeout,
+    UnsupportedFeature,
+)
 from amb_core.retry import ATTEMPTS, ORIGINAL_TOPIC
+from amb_core.runtime import ReconnectPolicy
 from amb_core.testing.contract import Collector
 
 WAIT = 10.0
@@ -53,7 +60,7 @@ async def stream_messages(broker: NATSBroker, topic: str) -> list[Any]:
     nc = await nats.connect(URL)
     try:
         js = nc.jetstream()
-        info = await js.stream_info(await broker._stream_for(topic), subjects_filter=topic)
+        info = await js.stream_info(await broker._js.stream_for(topic), subjects_filter=topic)
         return [info.state.subjects.get(topic, 0) if info.state.subjects else 0]
     finally:
         await nc.close()
@@ -85,12 +92,69 @@ def test_credentials_never_in_repr() -> None:
     assert "hunter2" not in str(vars(broker).get("servers"))
 
 
-async def test_connect_refused_fails_fast() -> None:
-    broker = NATSBroker(servers=[f"nats://127.0.0.1:{free_port()}"], connect_timeout=1.0)
+async def test_connect_refused_fails_fast_and_says_so() -> None:
+    """Nothing listens on the port: fail at once, saying so (it waited out the connect
+    timeout, 5.8 s, and said "timed out")."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    broker = NATSBroker(servers=[url])  # the default connect timeout, 5 s
     started = time.monotonic()
-    with pytest.raises(BrokerConnectionError):
+    with pytest.raises(BrokerConnectionError, match="refused") as failure:
         await broker.connect()
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 1.0
+    assert "timed out" not in str(failure.value)
+    assert broker._nc is None
+    with pytest.raises(NotConnected):
+        await broker.publish("x", b"", {})
+
+
+async def test_every_server_refused_fails_fast() -> None:
+    broker = NATSBroker(servers=[f"nats://127.0.0.1:{free_port()}" for _ in range(3)])
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match="refused"):
+        await broker.connect()
+    assert time.monotonic() - started < 1.0
+
+
+async def test_silent_server_times_out_after_connect_timeout() -> None:
+    """A server that takes the TCP connection and never says a word (no INFO)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        broker = NATSBroker(servers=[f"nats://127.0.0.1:{port}"],
+                            reconnect=ReconnectPolicy(connect_timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(BrokerConnectionError, match=r"timed out after 0\.5s"):
+            await broker.connect()
+        elapsed = time.monotonic() - started
+        assert 0.45 < elapsed < 2.0, elapsed
+        assert accepted, "the client never reached the silent server"
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_reconnect_options_are_one_policy() -> None:
+    default = NATSBroker()
+    assert default.reconnect == ReconnectPolicy() and default.connect_timeout == 5.0
+    policy = ReconnectPolicy(initial_delay=0.1, max_delay=0.4, jitter=0.0, connect_timeout=2.0)
+    broker = NATSBroker(reconnect=policy)
+    assert broker.reconnect is policy and broker.connect_timeout == 2.0
+    delays = [broker._next_server([], {})[1] for _ in range(5)]
+    assert delays == [0.1, 0.2, 0.4, 0.4, 0.4]  # capped exponential backoff
+    # The old names are aliases: a fixed wait, and the connect timeout.
+    alias = NATSBroker(reconnect_time_wait=0.2, connect_timeout=1.0)
+    assert alias.reconnect.initial_delay == alias.reconnect.max_delay == 0.2
+    assert alias.connect_timeout == 1.0
+    assert NATSBroker.from_url("nats://h:4222?reconnect_time_wait=0.3").reconnect.max_delay == 0.3
+    with pytest.raises(ValueError, match="ReconnectPolicy"):
+        NATSBroker(max_reconnect_attempts=3)  # nats-py's own name: one set of options
 
 
 async def test_user_password_pass_through_and_not_logged(
@@ -160,12 +224,12 @@ async def test_core_slow_consumer_drops_beyond_its_limit_and_says_so(
 # --- request / reply -------------------------------------------------------------------------
 
 
-async def test_request_nobody_serves_fails_fast(core_topic: str) -> None:
-    topic = core_topic
+async def test_request_nobody_serves_fails_fast_and_names_the_topic(core_topic: str) -> None:
+    topic = f"{core_topic}.calculate"
     async with AgentMessageBus(broker=NATSBroker(servers=[URL])) as bus:
         started = time.monotonic()
-        with pytest.raises(NoResponders):
-            await bus.request(Message(topic=f"{topic}.nobody", payload=1), timeout=5.0)
+        with pytest.raises(NoResponders, match=f"no responders for '{topic}'"):
+            await bus.request(Message(topic=topic, payload=1), timeout=5.0)
         assert time.monotonic() - started < 1.0
         assert issubclass(NoResponders, RequestTimeout)
 
@@ -242,8 +306,8 @@ async def test_dead_letter_then_acked_not_redelivered(topic: str) -> None:
         nc = await nats.connect(URL)
         try:
             js = nc.jetstream()
-            stream = await broker._stream_for(topic)
-            info = await js.consumer_info(stream, broker._consumer_name("g", topic))
+            stream = await broker._js.stream_for(topic)
+            info = await js.consumer_info(stream, broker._js.consumer_name("g", topic))
             assert info.num_ack_pending == 0 and info.num_pending == 0
         finally:
             await nc.close()
@@ -357,7 +421,7 @@ async def test_concurrent_publishes_pipeline_their_acks(topic: str) -> None:
         async def watch() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, len(broker._acks))
+                peak = max(peak, len(broker._js.acks))
                 await asyncio.sleep(0)
 
         watcher = asyncio.create_task(watch())
@@ -409,7 +473,7 @@ async def test_unacknowledged_publish_times_out_and_nothing_is_left_waiting(
             private_nats.process.send_signal(signal.SIGCONT)
         assert all(isinstance(r, TimeoutError) for r in results), results
         assert 0.4 < elapsed < 3.0
-        assert not broker._acks and not len(broker._deadlines)
+        assert not broker._js.acks and not len(broker._js.deadlines)
         await bus.publish(Message(topic="frozen.x", payload="after"))  # and it recovers
 
 
@@ -419,7 +483,7 @@ async def test_max_pending_acks_window(topic: str) -> None:
         for i in range(1000):
             await bus.publish(Message(topic=topic, payload=i))
         await broker.flush()
-        assert not broker._acks
+        assert not broker._js.acks
         assert [m.payload async for m in bus.replay(topic)] == list(range(1000))
 
 
@@ -441,8 +505,6 @@ async def test_replay_patterns_and_empty(topic: str) -> None:
 
 async def test_core_mode_has_no_replay(core_topic: str) -> None:
     topic = core_topic
-    from amb_core.errors import UnsupportedFeature
-
     async with AgentMessageBus(broker=NATSBroker(servers=[URL])) as bus:
         with pytest.raises(UnsupportedFeature):
             [m async for m in bus.replay(topic)]
@@ -548,3 +610,160 @@ async def test_subscribe_is_live_at_the_server_when_it_returns(
             await foreign.close()
     finally:
         await broker.close()
+
+
+# --- the fast path: tested nats-py versions only ------------------------------------------------
+
+
+def test_fast_path_allow_list() -> None:
+    from nats.aio.client import Client
+
+    from amb_core.adapters.nats import _fast
+
+    nc = Client()
+    assert _fast.client_version().rsplit(".", 1)[0] in _fast.TESTED, "a version not tested"
+    assert _fast.why_not(nc) is None
+    assert _fast.why_not(nc, "2.16.3") is None  # patch releases of a tested minor
+    reason = _fast.why_not(nc, "3.0.0")
+    assert reason is not None and "3.0.0" in reason and "2.16" in reason
+
+
+async def test_untested_nats_py_gets_the_public_api(
+    core_topic: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from amb_core.adapters.nats import _fast
+
+    monkeypatch.setattr(_fast, "client_version", lambda: "9.1.0")
+    caplog.set_level(logging.INFO, logger="amb_core.adapters.nats")
+    broker = NATSBroker(servers=[URL])
+    async with AgentMessageBus(broker=broker) as bus:
+        assert not broker._fast
+        assert broker._nc is not None and not isinstance(broker._nc._ps, _fast.FastParser)
+        got = Collector()
+        await bus.subscribe(core_topic, got)
+        await bus.publish(Message(topic=core_topic, payload="public"))
+        await got.wait_count(1, WAIT)
+    assert "fast path off: nats-py 9.1.0 is not a version" in caplog.text
+
+
+# --- the caller's headers, consumer groups' state -----------------------------------------------
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_jetstream_request_leaves_the_headers_alone(topic: str, fast_path: bool) -> None:
+    """The inbox a JetStream request carries for a group member is the adapter's own header,
+    written without touching the caller's dict, and stripped before the bus sees it."""
+    seen: list[dict[str, str]] = []
+    server, client = js_broker(fast_path=fast_path), js_broker(fast_path=fast_path)
+    await server.connect()
+    await client.connect()
+    try:
+        async def serve(delivery: Any) -> None:
+            seen.append(dict(delivery.headers))
+            assert delivery.reply_to is not None
+            await server.send_reply(delivery.reply_to, b"pong", {})
+            await delivery.ack()
+
+        await server.subscribe(topic, serve, group="rpc")
+        headers = {"x-app": "ping", "ce-id": "r-1"}
+        reply = await client.request(topic, b"ping", headers, timeout=WAIT)
+        assert reply.body == b"pong"
+        assert headers == {"x-app": "ping", "ce-id": "r-1"}
+        assert seen == [{"x-app": "ping", "ce-id": "r-1"}]  # no Nats-Msg-Id, no Amb-Reply-To
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_delete_group_removes_the_durable_consumer(topic: str) -> None:
+    from nats.js.errors import NotFoundError
+
+    broker = js_broker()
+    async with AgentMessageBus(broker=broker) as bus:
+        sub = await bus.subscribe(topic, Collector(), consumer_group="doomed")
+        await sub.unsubscribe()
+        assert broker._js is not None
+        stream = await broker._js.stream_for(topic)
+        name = broker._js.consumer_name("doomed", topic)
+        js = broker._js.api()
+        await js.consumer_info(stream, name)  # there
+        await broker.delete_group(topic, "doomed")
+        with pytest.raises(NotFoundError):
+            await js.consumer_info(stream, name)
+        await broker.delete_group(topic, "doomed")  # gone already: not an error
+
+
+async def test_core_groups_have_nothing_to_delete(core_topic: str) -> None:
+    broker = NATSBroker(servers=[URL])
+    await broker.connect()
+    try:
+        with pytest.raises(UnsupportedFeature, match="keep no state"):
+            await broker.delete_group(core_topic, "g")
+        await broker.keep_dead_letters(core_topic)  # core NATS keeps nothing: a no-op
+        with pytest.raises(UnsupportedFeature):
+            broker.dead_letters(core_topic)
+    finally:
+        await broker.close()
+
+
+async def test_a_kept_dead_letter_topic_is_marked_on_the_server(topic: str) -> None:
+    """Another process that never kept the topic still starts a new group at its oldest
+    letter: the mark is a consumer on the server, not a flag in this process."""
+    dlq = f"{topic}.dlq"
+    keeper = js_broker()
+    await keeper.connect()
+    try:
+        await keeper.keep_dead_letters(dlq)
+        for i in range(3):
+            await keeper.publish(dlq, b"%d" % i, {})
+    finally:
+        await keeper.close()
+    reader = js_broker()  # group_start="new" by default
+    await reader.connect()
+    try:
+        got: list[bytes] = []
+        three = asyncio.Event()
+
+        async def take(delivery: Any) -> None:
+            got.append(delivery.body)
+            await delivery.ack()
+            if len(got) == 3:
+                three.set()
+
+        await reader.subscribe(dlq, take, group="operators")
+        await asyncio.wait_for(three.wait(), WAIT)
+        assert got == [b"0", b"1", b"2"]
+        # An ordinary topic still starts a new group at new messages.
+        await reader.publish(f"{topic}.plain", b"old", {})
+        late: list[bytes] = []
+        new = asyncio.Event()
+
+        async def record(delivery: Any) -> None:
+            late.append(delivery.body)
+            await delivery.ack()
+            if delivery.body == b"new":
+                new.set()
+
+        await reader.subscribe(f"{topic}.plain", record, group="fresh")
+        await reader.publish(f"{topic}.plain", b"new", {})
+        await asyncio.wait_for(new.wait(), WAIT)
+        assert late == [b"new"]  # in stream order: "old" would have come first
+    finally:
+        await reader.close()
+
+
+async def test_one_stream_that_misses_the_dead_letter_topic_says_so_at_subscribe() -> None:
+    """With ``stream=`` the dead-letter topic must be one of its subjects: the subscription
+    that would dead-letter there fails at once, not its first dead letter later."""
+    require_server("nats", HOST, PORT)
+    name = f"AMBTEST_{uuid.uuid4().hex[:8]}"
+    broker = js_broker(stream=name, stream_subjects=[f"{name}.>"])
+    async with AgentMessageBus(broker=broker) as bus:
+        try:
+            await bus.subscribe(f"{name}.work", Collector(), consumer_group="g",
+                                dead_letter_topic=f"{name}.dlq")  # captured: fine
+            with pytest.raises(UnsupportedFeature, match="add it to stream_subjects"):
+                await bus.subscribe(f"{name}.work", Collector(), consumer_group="g")
+        finally:
+            assert broker._js is not None
+            await broker._js.api().delete_stream(name)

@@ -18,12 +18,9 @@ from nats.aio.client import Client
 from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
-from amb_core.adapters.nats import (
-    FastParser,
-    _Deadlines,
-    encode_headers,
-    parse_header_block,
-)
+from amb_core.adapters.nats._fast import FastParser
+from amb_core.adapters.nats.headers import encode_headers, parse_header_block
+from amb_core.runtime import Deadlines
 
 ROUTED = (1, 2)
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.",
@@ -167,7 +164,7 @@ def test_info_is_still_nats_py_s() -> None:
 
 
 async def test_deadlines_expire_what_is_still_pending_in_deadline_order() -> None:
-    deadlines = _Deadlines()
+    deadlines = Deadlines()
     loop = asyncio.get_running_loop()
     futures = [loop.create_future() for _ in range(3000)]
     expired: list[int] = []
