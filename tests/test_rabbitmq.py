@@ -15,7 +15,9 @@ from tests.test_contract_rabbitmq import EXCHANGE, HOST, PORT, URL, test_broker
 from amb_core import AgentMessageBus, Message
 from amb_core.adapters import RabbitMQBroker, broker_from_url
 from amb_core.adapters.rabbitmq import binding_key
+from amb_core.adapters.rabbitmq.naming import QUEUE_NAME
 from amb_core.errors import BrokerConnectionError, NoResponders, UnsupportedFeature
+from amb_core.runtime import ReconnectPolicy
 
 
 @pytest.fixture
@@ -69,14 +71,40 @@ def test_from_url_options_and_masked_repr() -> None:
 
 def test_group_queue_names_fit_amqp_limits() -> None:
     broker = RabbitMQBroker()
-    assert broker.group_queue_name("workers", "orders.*") == "amb:workers:orders.*"
+    assert broker.group_queue_name("workers", "orders.created") == "amb:workers:orders.created"
     long_name = broker.group_queue_name("g" * 200, "é." * 120 + "x")
-    assert len(long_name.encode()) <= 255
+    assert len(long_name.encode()) <= 255 and QUEUE_NAME.match(long_name)
     assert long_name != broker.group_queue_name("g" * 200, "é." * 120 + "y")
 
 
+def test_group_queue_names_on_wildcards_are_valid_readable_and_unique() -> None:
+    """A '*' or '>' in a queue name made pamqp refuse the declaration ('Invalid value for
+    queue'): a group on a wildcard pattern could not subscribe (issue 11, item 2)."""
+    broker = RabbitMQBroker()
+    star = broker.group_queue_name("g", "events.user.*")
+    tail = broker.group_queue_name("g", "events.>")
+    assert star.startswith("amb:g:events.user._star_:") and tail.startswith("amb:g:events._tail_:")
+    patterns = ["events.user.*", "events.user._star_", "events.>", "events._tail_", "events.*",
+                "*.>", "a.*.>", "événements.*", "a#b.*", "a@23b.*", "a@b.*", "x" * 250 + ".*"]
+    names = {broker.group_queue_name("g", pattern) for pattern in patterns}
+    assert len(names) == len(patterns)
+    names |= {broker.group_queue_name("é" * 100, pattern) for pattern in patterns}
+    assert len(names) == 2 * len(patterns)
+    for name in names:
+        assert QUEUE_NAME.match(name), name
+        assert len(name.encode()) <= 255, name
+        assert "#" not in name  # reserved for the adapter's own queues
+    keeper = broker.keeper_queue_name("amb.dead-letter")
+    assert keeper == "amb:#dead-letters:amb.dead-letter"
+    assert keeper != broker.group_queue_name("#dead-letters", "amb.dead-letter")
+    assert QUEUE_NAME.match(broker.keeper_queue_name("dlq.événements"))
+    with pytest.raises(ValueError):
+        RabbitMQBroker(queue_prefix="amb*")
+
+
 async def test_connect_refused_is_a_connection_error_within_the_timeout() -> None:
-    broker = RabbitMQBroker(url="amqp://guest:s3cret@127.0.0.1:1/", connect_timeout=2.0)
+    broker = RabbitMQBroker(url="amqp://guest:s3cret@127.0.0.1:1/",
+                            reconnect=ReconnectPolicy(connect_timeout=2.0))
     started = time.monotonic()
     with pytest.raises(BrokerConnectionError) as info:
         await AgentMessageBus(broker=broker).connect()
@@ -391,21 +419,23 @@ async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_fu
     import aiormq
     from pamqp import frame as pamqp_frame
 
-    from amb_core.adapters.rabbitmq import _Acker
+    from amb_core.adapters.rabbitmq.subscriptions import ack_sender
+    from amb_core.runtime import AckBatcher
 
     broker = bus.broker
     assert isinstance(broker, RabbitMQBroker) and broker._connection is not None
+    assert broker.fast_path_on
     channel = await broker._connection.channel()
     writer: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # stands in for aiormq's writer
     channel.write_queue = writer  # type: ignore[misc]
     try:
-        acker = _Acker(channel, aiormq)
+        acks: AckBatcher[int] = AckBatcher(ack_sender(channel, True), name="test")
         writer.put_nowait("filler")  # the writer is behind: no room
-        acker.ack(1)
-        acker._flush()  # tag 1 waits for room
+        acks.add(1)
+        await asyncio.sleep(0)  # end of the turn: tag 1 waits for room
         assert writer.get_nowait() == "filler"  # the writer catches up: room for one frame
-        acker.ack(2)
-        acker._flush()  # a later turn's ack
+        acks.add(2)
+        await asyncio.sleep(0)  # a later turn's ack
         sent: list[tuple[int, bool]] = []
         while len(sent) < 2:
             frame = await asyncio.wait_for(writer.get(), 5)
@@ -416,6 +446,7 @@ async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_fu
                 assert isinstance(method, aiormq.spec.Basic.Ack)
                 sent.append((method.delivery_tag, method.multiple))
         assert [tag for tag, _ in sent] == [1, 2], sent
+        await asyncio.wait_for(acks.flush(), 5)
     finally:
         channel.write_queue = broker._connection.write_queue  # type: ignore[misc]
         await channel.close()
