@@ -450,3 +450,97 @@ async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_fu
     finally:
         channel.write_queue = broker._connection.write_queue  # type: ignore[misc]
         await channel.close()
+
+
+# --- the fast path, reply addresses, dead letters, groups ---------------------------------------
+
+
+async def test_fast_path_is_on_for_the_tested_aiormq_and_off_when_asked() -> None:
+    require_server("rabbitmq", HOST, PORT)
+    from amb_core.adapters.rabbitmq import _fast
+
+    for wanted in (True, False):
+        broker = test_broker(fast_path=wanted)
+        await broker.connect()
+        try:
+            assert broker.fast_path_on is (wanted and _fast.enabled(True))
+        finally:
+            await broker.close()
+
+
+async def test_reply_addresses_are_opaque(bus: AgentMessageBus, topic: str) -> None:
+    """The serving side sees the request's own reply_to (no correlation id packed after a
+    space); the reply still finds its request through the envelope's causation id."""
+    seen: list[str | None] = []
+
+    async def echo(msg: Message) -> Any:
+        seen.append(msg.reply_to)
+        return msg.payload
+
+    async with AgentMessageBus(broker=test_broker()) as server:
+        await server.subscribe(topic, echo)
+        reply = await bus.request(Message(topic=topic, payload="hi"), timeout=10)
+    assert reply.payload == "hi"
+    assert seen and seen[0] is not None
+    assert seen[0].startswith("amq.rabbitmq.reply-to") and " " not in seen[0]
+
+
+async def _letters(broker: RabbitMQBroker, topic: str) -> list[Any]:
+    return [(d.body, d.position) async for d in broker.dead_letters(topic)]
+
+
+async def test_kept_dead_letters_are_listed_in_place_and_removed_exactly(topic: str) -> None:
+    require_server("rabbitmq", HOST, PORT)
+    broker = test_broker()
+    await broker.connect()
+    dlq = f"{topic}.dlq"
+    try:
+        assert await _letters(broker, dlq) == []  # never kept: nothing, no error
+        await broker.keep_dead_letters(dlq)
+        keeper = broker.keeper_queue_name(dlq)
+        for i in range(5):
+            await broker.publish(dlq, f"letter {i}".encode(), {"cloudEvents:id": f"id-{i}"})
+        deadline = time.monotonic() + 10
+        while len(first := await _letters(broker, dlq)) < 5:
+            assert time.monotonic() < deadline, first
+            await asyncio.sleep(0.05)
+        assert first == [(f"letter {i}".encode(), f"id-{i}") for i in range(5)]
+        assert await _letters(broker, dlq) == first  # listing removes nothing, keeps the order
+        assert await broker.remove_dead_letters(dlq, ["id-1", "id-3", "id-9"]) == 2
+        assert [p for _, p in await _letters(broker, dlq)] == ["id-0", "id-2", "id-4"]
+
+        got: list[Any] = []
+        done = asyncio.Event()
+
+        async def take(delivery: Any) -> None:
+            got.append((delivery.body, delivery.delivery_count))
+            await delivery.ack()
+            if len(got) == 3:
+                done.set()
+
+        sub = await broker.subscribe(dlq, take, group="operators")
+        assert sub.queue == keeper  # type: ignore[attr-defined]
+        await asyncio.wait_for(done.wait(), 10)
+        # oldest first; listing the letters is not an attempt of theirs
+        assert got == [(b"letter 0", None), (b"letter 2", None), (b"letter 4", None)]
+    finally:
+        await broker.close()
+    assert keeper in rabbitmqctl("list_queues", "name").split("\n")
+
+
+async def test_delete_group_removes_its_queue_and_what_waits_in_it(topic: str) -> None:
+    require_server("rabbitmq", HOST, PORT)
+    broker = test_broker()
+    await broker.connect()
+    try:
+        pattern = f"{topic}.*"
+        queue = broker.group_queue_name("doomed", pattern)
+        sub = await broker.subscribe(pattern, lambda d: d.ack(), group="doomed")
+        await sub.close()
+        await broker.publish(f"{topic}.x", b"waiting", {})
+        assert queue in rabbitmqctl("list_queues", "name").split("\n")
+        await broker.delete_group(pattern, "doomed")
+        assert queue not in rabbitmqctl("list_queues", "name").split("\n")
+        await broker.delete_group(pattern, "doomed")  # gone already: no error
+    finally:
+        await broker.close()

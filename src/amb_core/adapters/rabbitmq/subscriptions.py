@@ -183,6 +183,7 @@ class Subscription(BrokerSubscription):
         self.keeper = False
         """True while the group consumes the keeper queue of a dead-letter topic."""
         self._handler = handler
+        self._foreign = broker.foreign_reply_address  # bound once, not per message
         self._channel: Channel | None = None
         self._acks: AckBatcher[int] | None = None
         self._closed = False
@@ -243,8 +244,7 @@ class Subscription(BrokerSubscription):
         # A plain function returning the handler's coroutine: no extra frame per message.
         # A message of an earlier (lost) channel cannot be acknowledged on the new one.
         acks = self._acks if message.channel is self._channel else None
-        return self._handler(to_delivery(message, acks, not self.keeper,
-                                         self.broker.foreign_reply_address))
+        return self._handler(to_delivery(message, acks, not self.keeper, self._foreign))
 
     async def close(self) -> None:
         """Safe to call concurrently and again: every caller waits for the one closing."""
