@@ -113,6 +113,41 @@ async def test_connect_refused_is_a_connection_error_within_the_timeout() -> Non
     assert "s3cret" not in str(info.value)
 
 
+async def test_a_publish_cancelled_by_its_closed_channel_is_a_connection_error() -> None:
+    """Older aiormq cancels the confirmations of a channel that closes: in a task nobody
+    cancelled that is a lost channel (BrokerConnectionError, which callers retry), while a
+    real cancellation of the publishing task stays a CancelledError."""
+
+    class Closed:
+        is_closed = True
+
+    async def publishing() -> None:
+        try:
+            raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            RabbitMQBroker._lost_channel(Closed(), "publish")  # type: ignore[arg-type]
+            raise
+
+    with pytest.raises(BrokerConnectionError, match="channel closed"):
+        await asyncio.ensure_future(publishing())
+
+    started = asyncio.Event()
+
+    async def cancelled() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            RabbitMQBroker._lost_channel(Closed(), "publish")  # type: ignore[arg-type]
+            raise
+
+    task = asyncio.ensure_future(cancelled())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 # --- real broker ---------------------------------------------------------------------------------
 
 

@@ -419,6 +419,16 @@ class RabbitMQBroker(Broker):
             raise exc
         raise mapped from exc
 
+    @staticmethod
+    def _lost_channel(channel: Channel, what: str) -> None:
+        """A CancelledError out of a publish whose channel closed under it, in a task nobody
+        cancels, is a lost channel (aiormq versions without ``_raise_on_channel_close`` cancel
+        the pending confirmations): raise that. A real cancellation stays one."""
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+        if channel.is_closed and (cancelling is None or not cancelling()):
+            raise BrokerConnectionError(f"RabbitMQ: {what} failed: the channel closed") from None
+
     async def publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
         channel = self._publish_channel
         if channel is None or channel.is_closed or not self._ready_now():
@@ -430,6 +440,9 @@ class RabbitMQBroker(Broker):
                 body, exchange=self.exchange, routing_key=topic, properties=properties,
                 wait=False,
             )
+        except asyncio.CancelledError:
+            self._lost_channel(channel, f"publish to {topic!r}")
+            raise
         except Exception as exc:
             self._raise_mapped(exc, f"publish to {topic!r}")
 
@@ -453,6 +466,9 @@ class RabbitMQBroker(Broker):
             await channel.basic_publish(
                 body, exchange="", routing_key=reply_to, properties=properties, wait=False
             )
+        except asyncio.CancelledError:
+            self._lost_channel(channel, f"reply to {reply_to!r}")
+            raise
         except Exception as exc:
             self._raise_mapped(exc, f"reply to {reply_to!r}")
 
@@ -660,6 +676,9 @@ class RabbitMQBroker(Broker):
                 raise RequestTimeout(
                     f"no reply to {topic!r} within {timeout}s (the publish was not confirmed)"
                 ) from None
+            except asyncio.CancelledError:
+                self._lost_channel(channel, f"request to {topic!r}")
+                raise
             except Exception as exc:
                 self._raise_mapped(exc, f"request to {topic!r}")
             if isinstance(returned, self._aiormq.abc.DeliveredMessage):  # on_return_raises off
