@@ -60,3 +60,21 @@ class TestRabbitMQContract(BrokerContract):
     @pytest.fixture
     def restartable(self, private_rabbit: PrivateRabbit):
         return (lambda: test_broker(private_rabbit.url)), private_rabbit.restart
+
+
+class TestRabbitMQContractPublicAPI(TestRabbitMQContract):
+    """The whole contract again with the fast path off (``fast_path=False``): acks through
+    aiormq's public ``basic_ack``, as on an aiormq version not in ``_fast.TESTED``."""
+
+    @pytest.fixture
+    def broker_factory(self):
+        require_server("rabbitmq", HOST, PORT)
+        return lambda url=URL, **options: test_broker(url, fast_path=False, **options)
+
+    @pytest.fixture
+    def restartable(self, private_rabbit: PrivateRabbit):
+        return (lambda: test_broker(private_rabbit.url, fast_path=False)), private_rabbit.restart
+
+    @pytest.fixture(autouse=True)
+    def _fast_path_is_off(self, broker_factory):
+        assert broker_factory().fast_path is False

@@ -15,7 +15,9 @@ from tests.test_contract_rabbitmq import EXCHANGE, HOST, PORT, URL, test_broker
 from amb_core import AgentMessageBus, Message
 from amb_core.adapters import RabbitMQBroker, broker_from_url
 from amb_core.adapters.rabbitmq import binding_key
+from amb_core.adapters.rabbitmq.naming import QUEUE_NAME
 from amb_core.errors import BrokerConnectionError, NoResponders, UnsupportedFeature
+from amb_core.runtime import ReconnectPolicy
 
 
 @pytest.fixture
@@ -69,20 +71,81 @@ def test_from_url_options_and_masked_repr() -> None:
 
 def test_group_queue_names_fit_amqp_limits() -> None:
     broker = RabbitMQBroker()
-    assert broker.group_queue_name("workers", "orders.*") == "amb:workers:orders.*"
+    assert broker.group_queue_name("workers", "orders.created") == "amb:workers:orders.created"
     long_name = broker.group_queue_name("g" * 200, "é." * 120 + "x")
-    assert len(long_name.encode()) <= 255
+    assert len(long_name.encode()) <= 255 and QUEUE_NAME.match(long_name)
     assert long_name != broker.group_queue_name("g" * 200, "é." * 120 + "y")
 
 
+def test_group_queue_names_on_wildcards_are_valid_readable_and_unique() -> None:
+    """A '*' or '>' in a queue name made pamqp refuse the declaration ('Invalid value for
+    queue'): a group on a wildcard pattern could not subscribe (issue 11, item 2)."""
+    broker = RabbitMQBroker()
+    star = broker.group_queue_name("g", "events.user.*")
+    tail = broker.group_queue_name("g", "events.>")
+    assert star.startswith("amb:g:events.user._star_:") and tail.startswith("amb:g:events._tail_:")
+    patterns = ["events.user.*", "events.user._star_", "events.>", "events._tail_", "events.*",
+                "*.>", "a.*.>", "événements.*", "a#b.*", "a@23b.*", "a@b.*", "x" * 250 + ".*"]
+    names = {broker.group_queue_name("g", pattern) for pattern in patterns}
+    assert len(names) == len(patterns)
+    names |= {broker.group_queue_name("é" * 100, pattern) for pattern in patterns}
+    assert len(names) == 2 * len(patterns)
+    for name in names:
+        assert QUEUE_NAME.match(name), name
+        assert len(name.encode()) <= 255, name
+        assert "#" not in name  # reserved for the adapter's own queues
+    keeper = broker.keeper_queue_name("amb.dead-letter")
+    assert keeper == "amb:#dead-letters:amb.dead-letter"
+    assert keeper != broker.group_queue_name("#dead-letters", "amb.dead-letter")
+    assert QUEUE_NAME.match(broker.keeper_queue_name("dlq.événements"))
+    with pytest.raises(ValueError):
+        RabbitMQBroker(queue_prefix="amb*")
+
+
 async def test_connect_refused_is_a_connection_error_within_the_timeout() -> None:
-    broker = RabbitMQBroker(url="amqp://guest:s3cret@127.0.0.1:1/", connect_timeout=2.0)
+    broker = RabbitMQBroker(url="amqp://guest:s3cret@127.0.0.1:1/",
+                            reconnect=ReconnectPolicy(connect_timeout=2.0))
     started = time.monotonic()
     with pytest.raises(BrokerConnectionError) as info:
         await AgentMessageBus(broker=broker).connect()
     assert time.monotonic() - started < 4.0
     assert isinstance(info.value, ConnectionError)
     assert "s3cret" not in str(info.value)
+
+
+async def test_a_publish_cancelled_by_its_closed_channel_is_a_connection_error() -> None:
+    """Older aiormq cancels the confirmations of a channel that closes: in a task nobody
+    cancelled that is a lost channel (BrokerConnectionError, which callers retry), while a
+    real cancellation of the publishing task stays a CancelledError."""
+
+    class Closed:
+        is_closed = True
+
+    async def publishing() -> None:
+        try:
+            raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            RabbitMQBroker._lost_channel(Closed(), "publish")  # type: ignore[arg-type]
+            raise
+
+    with pytest.raises(BrokerConnectionError, match="channel closed"):
+        await asyncio.ensure_future(publishing())
+
+    started = asyncio.Event()
+
+    async def cancelled() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            RabbitMQBroker._lost_channel(Closed(), "publish")  # type: ignore[arg-type]
+            raise
+
+    task = asyncio.ensure_future(cancelled())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 # --- real broker ---------------------------------------------------------------------------------
@@ -391,21 +454,23 @@ async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_fu
     import aiormq
     from pamqp import frame as pamqp_frame
 
-    from amb_core.adapters.rabbitmq import _Acker
+    from amb_core.adapters.rabbitmq.subscriptions import ack_sender
+    from amb_core.runtime import AckBatcher
 
     broker = bus.broker
     assert isinstance(broker, RabbitMQBroker) and broker._connection is not None
+    assert broker.fast_path_on
     channel = await broker._connection.channel()
     writer: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # stands in for aiormq's writer
     channel.write_queue = writer  # type: ignore[misc]
     try:
-        acker = _Acker(channel, aiormq)
+        acks: AckBatcher[int] = AckBatcher(ack_sender(channel, True), name="test")
         writer.put_nowait("filler")  # the writer is behind: no room
-        acker.ack(1)
-        acker._flush()  # tag 1 waits for room
+        acks.add(1)
+        await asyncio.sleep(0)  # end of the turn: tag 1 waits for room
         assert writer.get_nowait() == "filler"  # the writer catches up: room for one frame
-        acker.ack(2)
-        acker._flush()  # a later turn's ack
+        acks.add(2)
+        await asyncio.sleep(0)  # a later turn's ack
         sent: list[tuple[int, bool]] = []
         while len(sent) < 2:
             frame = await asyncio.wait_for(writer.get(), 5)
@@ -416,6 +481,101 @@ async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_fu
                 assert isinstance(method, aiormq.spec.Basic.Ack)
                 sent.append((method.delivery_tag, method.multiple))
         assert [tag for tag, _ in sent] == [1, 2], sent
+        await asyncio.wait_for(acks.flush(), 5)
     finally:
         channel.write_queue = broker._connection.write_queue  # type: ignore[misc]
         await channel.close()
+
+
+# --- the fast path, reply addresses, dead letters, groups ---------------------------------------
+
+
+async def test_fast_path_is_on_for_the_tested_aiormq_and_off_when_asked() -> None:
+    require_server("rabbitmq", HOST, PORT)
+    from amb_core.adapters.rabbitmq import _fast
+
+    for wanted in (True, False):
+        broker = test_broker(fast_path=wanted)
+        await broker.connect()
+        try:
+            assert broker.fast_path_on is (wanted and _fast.enabled(True))
+        finally:
+            await broker.close()
+
+
+async def test_reply_addresses_are_opaque(bus: AgentMessageBus, topic: str) -> None:
+    """The serving side sees the request's own reply_to (no correlation id packed after a
+    space); the reply still finds its request through the envelope's causation id."""
+    seen: list[str | None] = []
+
+    async def echo(msg: Message) -> Any:
+        seen.append(msg.reply_to)
+        return msg.payload
+
+    async with AgentMessageBus(broker=test_broker()) as server:
+        await server.subscribe(topic, echo)
+        reply = await bus.request(Message(topic=topic, payload="hi"), timeout=10)
+    assert reply.payload == "hi"
+    assert seen and seen[0] is not None
+    assert seen[0].startswith("amq.rabbitmq.reply-to") and " " not in seen[0]
+
+
+async def _letters(broker: RabbitMQBroker, topic: str) -> list[Any]:
+    return [(d.body, d.position) async for d in broker.dead_letters(topic)]
+
+
+async def test_kept_dead_letters_are_listed_in_place_and_removed_exactly(topic: str) -> None:
+    require_server("rabbitmq", HOST, PORT)
+    broker = test_broker()
+    await broker.connect()
+    dlq = f"{topic}.dlq"
+    try:
+        assert await _letters(broker, dlq) == []  # never kept: nothing, no error
+        await broker.keep_dead_letters(dlq)
+        keeper = broker.keeper_queue_name(dlq)
+        for i in range(5):
+            await broker.publish(dlq, f"letter {i}".encode(), {"cloudEvents:id": f"id-{i}"})
+        deadline = time.monotonic() + 10
+        while len(first := await _letters(broker, dlq)) < 5:
+            assert time.monotonic() < deadline, first
+            await asyncio.sleep(0.05)
+        assert first == [(f"letter {i}".encode(), f"id-{i}") for i in range(5)]
+        assert await _letters(broker, dlq) == first  # listing removes nothing, keeps the order
+        assert await broker.remove_dead_letters(dlq, ["id-1", "id-3", "id-9"]) == 2
+        assert [p for _, p in await _letters(broker, dlq)] == ["id-0", "id-2", "id-4"]
+
+        got: list[Any] = []
+        done = asyncio.Event()
+
+        async def take(delivery: Any) -> None:
+            got.append((delivery.body, delivery.delivery_count))
+            await delivery.ack()
+            if len(got) == 3:
+                done.set()
+
+        sub = await broker.subscribe(dlq, take, group="operators")
+        assert sub.queue == keeper  # type: ignore[attr-defined]
+        await asyncio.wait_for(done.wait(), 10)
+        # oldest first; listing the letters is not an attempt of theirs
+        assert got == [(b"letter 0", None), (b"letter 2", None), (b"letter 4", None)]
+    finally:
+        await broker.close()
+    assert keeper in rabbitmqctl("list_queues", "name").split("\n")
+
+
+async def test_delete_group_removes_its_queue_and_what_waits_in_it(topic: str) -> None:
+    require_server("rabbitmq", HOST, PORT)
+    broker = test_broker()
+    await broker.connect()
+    try:
+        pattern = f"{topic}.*"
+        queue = broker.group_queue_name("doomed", pattern)
+        sub = await broker.subscribe(pattern, lambda d: d.ack(), group="doomed")
+        await sub.close()
+        await broker.publish(f"{topic}.x", b"waiting", {})
+        assert queue in rabbitmqctl("list_queues", "name").split("\n")
+        await broker.delete_group(pattern, "doomed")
+        assert queue not in rabbitmqctl("list_queues", "name").split("\n")
+        await broker.delete_group(pattern, "doomed")  # gone already: no error
+    finally:
+        await broker.close()
