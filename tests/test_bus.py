@@ -259,3 +259,16 @@ def test_message_copy_changes_fields_and_owns_its_headers() -> None:
     assert original.headers == {"h": "1"} and original.topic == "a" and original.attempt == 1
     with pytest.raises(TypeError):
         original.copy(nope=1)
+
+
+async def test_the_same_message_requested_twice_at_once_gets_two_replies() -> None:
+    async with AgentMessageBus(observer=False) as bus:
+        async def echo(msg: Message) -> object:
+            await asyncio.sleep(0.01)
+            return msg.payload
+
+        await bus.subscribe("twice", echo, max_concurrency=2)
+        request = Message(topic="twice", payload="same")
+        replies = await asyncio.gather(bus.request(request, timeout=5),
+                                       bus.request(request, timeout=5))
+        assert [r.payload for r in replies] == ["same", "same"]

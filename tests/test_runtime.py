@@ -402,3 +402,76 @@ async def test_on_demand_opens_once_for_racing_callers() -> None:
     assert results == ["inbox-1"] * 10 and opened == 1
     inbox.reset()
     assert await inbox.get() == "inbox-2"
+
+
+async def test_pending_replies_refuse_a_second_wait_on_one_key_and_discard_cancels() -> None:
+    pending: PendingReplies[str, str] = PendingReplies()
+    future = pending.expect("k", 5.0, "x")
+    with pytest.raises(ValueError, match="already waiting"):
+        pending.expect("k", 5.0, "x")
+    pending.discard("k")
+    assert future.cancelled(), "a discarded request's future is cancelled, not left to time out"
+
+
+async def test_a_closed_lease_keeper_stays_closed() -> None:
+    async def renew(keys: list[int]) -> None:
+        return None
+
+    keeper: LeaseKeeper[int] = LeaseKeeper(renew, renew_after=1.0, name="t")
+    keeper.hold(1)
+    await keeper.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        keeper.hold(2)
+
+
+async def test_supervisor_survives_an_unexpected_error_while_watching(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conn = FakeConnection()
+    calls = 0
+
+    async def until_lost() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("a bug below")
+        await asyncio.Event().wait()
+
+    supervisor = Supervisor("fake", open=conn.open, until_lost=until_lost,
+                            policy=ReconnectPolicy(initial_delay=0.01, max_delay=0.01))
+    await supervisor.start()
+    await asyncio.sleep(0)
+    await supervisor.wait_ready(2.0)
+    assert conn.opens == 2, "the supervisor did not reconnect after the unexpected error"
+    assert any("watching the connection to fake failed" in r.getMessage() for r in caplog.records)
+    await supervisor.close()
+
+
+async def test_supervisor_that_gave_up_fails_wait_ready_at_once() -> None:
+    conn = FakeConnection()
+    policy = ReconnectPolicy(initial_delay=0.01, max_delay=0.01, max_attempts=2)
+    supervisor = Supervisor("fake", open=conn.open, until_lost=conn.until_lost, policy=policy)
+    await supervisor.start()
+    conn.refuse = 10
+    conn.lost.set()
+    for _ in range(100):
+        if supervisor.gave_up:
+            break
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match="gave up"):
+        await supervisor.wait_ready(5.0)
+    assert time.monotonic() - started < 1.0
+    await supervisor.close()
+
+
+async def test_ack_batcher_close_is_bounded_by_a_stuck_send() -> None:
+    async def stuck(batch: list[int]) -> None:
+        await asyncio.Event().wait()
+
+    batcher: AckBatcher[int] = AckBatcher(stuck, name="t")
+    batcher.add(1)
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await batcher.close(timeout=0.1)
+    assert time.monotonic() - started < 1.0

@@ -249,6 +249,7 @@ class AgentMessageBus:
         causation id, so concurrent requests may share a correlation id)."""
         self._inbox: OnDemand[str] = OnDemand(self._open_inbox)
         self._kept_dead_letters: set[str] = set()
+        self._closing: asyncio.Future[None] | None = None
         self._observer: Observer | None = observer_for(self, observer)
 
     def attach_observer(self, observer: Observer | None) -> None:
@@ -299,8 +300,18 @@ class AgentMessageBus:
     async def close(self, timeout: float | None = None) -> None:
         """Stop all subscriptions, wait up to ``timeout`` (default ``drain_timeout``) for running
         handlers, fail pending requests, then flush and disconnect the broker."""
-        if not self._connected:
-            return
+        if self._closing is None:
+            if not self._connected:
+                return
+            self._closing = asyncio.ensure_future(self._close(timeout))
+        closing = self._closing
+        try:
+            await asyncio.shield(closing)  # concurrent calls all wait for the one close
+        finally:
+            if closing.done() and self._closing is closing:
+                self._closing = None
+
+    async def _close(self, timeout: float | None) -> None:
         timeout = self.drain_timeout if timeout is None else timeout
         await asyncio.gather(
             *(self._stop_subscription(sub, timeout) for sub in list(self._subscriptions))
@@ -623,6 +634,8 @@ class AgentMessageBus:
             delivery = await self.broker.request(request.topic, body, headers, timeout)
             return self._decode(delivery)
         request.reply_to = await self._inbox.get()
+        if request.id in self._pending:  # the same message requested twice at once
+            request.id = new_id()
         future = self._pending.expect(request.id, timeout, repr(request.topic))
         try:
             await self.publish(request)

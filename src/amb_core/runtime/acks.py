@@ -109,8 +109,9 @@ class AckBatcher(Generic[T]):
                 continue
             self._flush()
 
-    async def close(self) -> None:
-        """Flush, then take no more (an ack after close stays unsent: a redelivery)."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Flush (for at most ``timeout`` seconds: a send stuck on a dead connection must not
+        hang a close), then take no more (an ack after close stays unsent: a redelivery)."""
         with contextlib.suppress(Exception):
-            await self.flush()
+            await asyncio.wait_for(self.flush(), timeout)
         self._closed = True

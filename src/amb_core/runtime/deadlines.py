@@ -104,6 +104,8 @@ class PendingReplies(Generic[K, V]):
     def expect(self, key: K, timeout: float, what: str) -> asyncio.Future[V]:
         """A future for the reply to ``key``; ``what`` names the request in the timeout's text
         (``"'calculate'"`` gives "no reply to 'calculate' within 30.0s")."""
+        if key in self._futures:
+            raise ValueError(f"a request keyed {key!r} is already waiting for its reply")
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._futures[key] = future
 
@@ -124,8 +126,11 @@ class PendingReplies(Generic[K, V]):
         return True
 
     def discard(self, key: K) -> None:
-        """The request is over (answered, failed or cancelled): forget it."""
-        self._futures.pop(key, None)
+        """The request is over (answered, failed or cancelled): forget it, and cancel its
+        future if nobody resolved it (so no timeout is raised that nobody reads)."""
+        future = self._futures.pop(key, None)
+        if future is not None and not future.done():
+            future.cancel()
 
     def fail_all(self, exc: BaseException) -> None:
         """Every waiting request fails with ``exc`` (close, lost connection)."""

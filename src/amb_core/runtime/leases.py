@@ -32,7 +32,8 @@ class LeaseKeeper(Generic[K]):
     ``renew_after`` should be at most half the broker's lease time.
     """
 
-    __slots__ = ("_held", "_name", "_renew", "_renew_after", "_task", "_wake", "renewals")
+    __slots__ = ("_closed", "_held", "_name", "_renew", "_renew_after", "_task", "_wake",
+                 "renewals")
 
     def __init__(self, renew: Callable[[list[K]], Awaitable[None]], *, renew_after: float,
                  name: str) -> None:
@@ -44,6 +45,7 @@ class LeaseKeeper(Generic[K]):
         self._held: dict[K, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._closed = False
         self.renewals = 0
 
     def __len__(self) -> int:
@@ -52,8 +54,12 @@ class LeaseKeeper(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._held
 
-    def hold(self, key: K) -> None:
-        self._held[key] = time.monotonic()
+    def hold(self, key: K, since: float | None = None) -> None:
+        """Track ``key``, whose lease was taken or last renewed at ``since`` (``time.monotonic``
+        seconds; default now: pass the read time for messages that waited, read ahead)."""
+        if self._closed:
+            raise RuntimeError(f"{self._name}: the lease keeper is closed")
+        self._held[key] = time.monotonic() if since is None else since
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -95,6 +101,8 @@ class LeaseKeeper(Generic[K]):
                     self._held[key] = renewed
 
     async def close(self) -> None:
+        """Stop renewing, for good (a closed keeper refuses :meth:`hold`)."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -61,10 +62,12 @@ class Pump(Generic[T]):
 
     ``deliver`` returns once the bus has taken the item (it blocks while the subscription's
     handlers are all busy), so a slow handler fills the buffer, not memory. An exception from
-    ``deliver`` is a bug below the bus: it is logged and the pump goes on.
+    ``deliver`` is a bug below the bus: it is logged and the pump goes on. Without a byte bound
+    items are buffered as they are (no wrapper per item).
     """
 
-    __slots__ = ("_bytes", "_deliver", "_max_bytes", "_name", "_task", "buffer", "report")
+    __slots__ = ("_bytes", "_deliver", "_max_bytes", "_name", "_sizes", "_task", "buffer",
+                 "report")
 
     def __init__(
         self,
@@ -75,12 +78,13 @@ class Pump(Generic[T]):
         max_bytes: int = 0,
         hint: str = "",
     ) -> None:
-        self.buffer: Buffer[tuple[T, int]] = Buffer(max_items)
+        self.buffer: Buffer[T] = Buffer(max_items)
         self.report = DropReport(name, hint)
         self._deliver = deliver
         self._name = name
         self._max_bytes = max_bytes
         self._bytes = 0
+        self._sizes: deque[int] = deque()  # per buffered item, only with a byte bound
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def __len__(self) -> int:
@@ -92,28 +96,33 @@ class Pump(Generic[T]):
 
     def offer(self, item: T, nbytes: int = 0) -> bool:
         """Take ``item`` if there is room; else drop it, report, and return False."""
-        if (self._max_bytes and self._bytes >= self._max_bytes) or not self.buffer.offer(
-            (item, nbytes)
-        ):
+        if self._max_bytes:
+            if self._bytes >= self._max_bytes or not self.buffer.offer(item):
+                self.report.dropped_one()
+                return False
+            self._sizes.append(nbytes)
+            self._bytes += nbytes
+            return True
+        if not self.buffer.offer(item):
             self.report.dropped_one()
             return False
-        self._bytes += nbytes
         return True
 
     async def put(self, item: T, nbytes: int = 0) -> None:
         """Take ``item``, waiting for room first (backpressure)."""
-        await self.buffer.put((item, nbytes))
-        self._bytes += nbytes
+        await self.buffer.put(item)
+        if self._max_bytes:
+            self._sizes.append(nbytes)
+            self._bytes += nbytes
 
     async def _run(self) -> None:
-        buffer, deliver = self.buffer, self._deliver
+        buffer, deliver, sizes = self.buffer, self._deliver, self._sizes
         while True:
-            entry = buffer.poll()
-            if entry is None:
-                entry = await buffer.get()
-            item, nbytes = entry
-            if nbytes:
-                self._bytes -= nbytes
+            item = buffer.poll()
+            if item is None:
+                item = await buffer.get()
+            if sizes:
+                self._bytes -= sizes.popleft()
             try:
                 await deliver(item)
             except Exception:
@@ -122,6 +131,7 @@ class Pump(Generic[T]):
     def clear(self) -> None:
         """Forget what is buffered (a subscription restarting after a reconnect)."""
         self.buffer.clear()
+        self._sizes.clear()
         self._bytes = 0
 
     async def close(self) -> None:

@@ -106,6 +106,7 @@ class Supervisor:
         self.policy = policy or ReconnectPolicy()
         self.ready = asyncio.Event()
         self.reconnects = 0
+        self.gave_up = False
         self._open = open
         self._until_lost = until_lost
         self._discard = discard
@@ -141,6 +142,9 @@ class Supervisor:
                 await self._until_lost()
             except self._errors as exc:
                 lost = exc
+            except Exception as exc:  # a bug below: reconnecting is still the best way on
+                logger.exception("watching the connection to %s failed", self.name)
+                lost = exc
             if self._closing:
                 return
             self.ready.clear()
@@ -154,11 +158,14 @@ class Supervisor:
                 if backoff.exhausted:
                     logger.error("gave up reconnecting to %s after %d attempts", self.name,
                                  backoff.attempts)
+                    self.gave_up = True
                     return
                 delay = await backoff.sleep()
                 try:
                     await asyncio.wait_for(self._open(), self.policy.connect_timeout)
-                except self._errors as exc:
+                except Exception as exc:
+                    if not isinstance(exc, self._errors):
+                        logger.exception("reconnecting to %s failed", self.name)
                     logger.debug("reconnect to %s failed after %.2fs wait: %s", self.name, delay,
                                  _describe(exc))
                     await self._discard_quietly()
@@ -175,6 +182,8 @@ class Supervisor:
             return
         if self._closing or self._task is None:
             raise NotConnected(f"{self.name}: not connected")
+        if self.gave_up:
+            raise BrokerConnectionError(f"{self.name} is unreachable; gave up reconnecting")
         timeout = self.policy.connect_timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(self.ready.wait(), timeout)

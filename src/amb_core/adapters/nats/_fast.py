@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.subscription import Subscription
 
-logger = logging.getLogger("amb_core.adapters.nats")
+logger = logging.getLogger(__name__)
 
 TESTED = frozenset({"2.16"})
 """nats-py versions (``major.minor``) the fast path was tested on (the contract suite in both

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
     from amb_core.adapters.nats.jetstream import JetStream
 
-logger = logging.getLogger("amb_core.adapters.nats")
+logger = logging.getLogger(__name__)
 
 _STREAM_NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
 

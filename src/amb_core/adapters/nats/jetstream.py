@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
     from amb_core.adapters.nats.broker import NATSBroker
 
-logger = logging.getLogger("amb_core.adapters.nats")
+logger = logging.getLogger(__name__)
 
 _JS_API = "$JS.API"
 _ACK = b"+ACK"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aiormq import Channel
 
-logger = logging.getLogger("amb_core.adapters.rabbitmq")
+logger = logging.getLogger(__name__)
 
 TESTED = frozenset({"7.2"})
 """aiormq versions (``major.minor``) whose internals the tests ran against."""

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 
     from amb_core.runtime.errors import Mapping
 
-logger = logging.getLogger("amb_core.adapters.rabbitmq")
+logger = logging.getLogger(__name__)
 
 PREFIX = "cloudEvents:"
 ID = PREFIX + "id"
@@ -657,6 +657,8 @@ class RabbitMQBroker(Broker):
         assert self._aiormq is not None
         self._check_key(topic)
         key = headers.get(ID) or f"amb-rpc-{next(self._ids)}"
+        if key in self._replies:  # the same message requested twice at once
+            key = f"{key}.{next(self._ids)}"
         future = self._replies.expect(key, timeout, repr(topic))
         properties = self._build(
             headers, correlation_id=key, reply_to=DIRECT_REPLY_TO, delivery_mode=1,

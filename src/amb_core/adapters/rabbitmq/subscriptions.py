@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from amb_core.adapters.rabbitmq.broker import RabbitMQBroker
 
-logger = logging.getLogger("amb_core.adapters.rabbitmq")
+logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "content-type"
 DELIVERY_COUNT = "x-delivery-count"

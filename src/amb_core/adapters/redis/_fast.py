@@ -25,7 +25,7 @@ from amb_core.adapters._client import require
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-logger = logging.getLogger("amb_core.adapters.redis")
+logger = logging.getLogger(__name__)
 
 TESTED = frozenset({"8.1"})
 """redis-py ``major.minor`` versions the bulk reader was tested with."""

@@ -39,7 +39,7 @@ from amb_core.errors import BrokerConnectionError, NotConnected, UnsupportedFeat
 from amb_core.runtime import ReconnectPolicy
 from amb_core.topics import is_wildcard, matches, validate_pattern, validate_topic
 
-logger = logging.getLogger("amb_core.adapters.redis")
+logger = logging.getLogger(__name__)
 
 KEPT_REGISTRY = "amb:dead-letter-topics"
 """A Redis set (under ``stream_prefix``) of the topics kept as dead-letter destinations, so a
@@ -159,13 +159,12 @@ class RedisBroker(Broker):
                            socket_timeout=self.socket_timeout, block_timeout=self.block_timeout)
         conn = make(self.pools.writer)
         try:
-            with ERRORS.mapped(f"connecting to {self.masked_url}"):
-                await asyncio.wait_for(open_writer(conn), self.connect_timeout)
+            await asyncio.wait_for(open_writer(conn), self.connect_timeout)
         except BaseException as exc:
             await conn.disconnect(nowait=True)
             await self.pools.close()
             self.pools = None  # type: ignore[assignment]
-            if isinstance(exc, BrokerConnectionError | asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError):
                 raise
             raise BrokerConnectionError(
                 f"cannot connect to Redis at {self.masked_url}: {exc}") from exc

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from amb_core.adapters.redis.broker import RedisBroker
 
-logger = logging.getLogger("amb_core.adapters.redis")
+logger = logging.getLogger(__name__)
 
 MAX_BATCH = 2048
 MAX_BATCH_BYTES = 4 * 1024 * 1024
