@@ -2,7 +2,8 @@
 
 from amb_core._version import __version__
 from amb_core.broker import Broker, Capabilities, Delivery
-from amb_core.bus import AgentMessageBus, Subscription
+from amb_core.bus import AgentMessageBus, Gathered, Subscription
+from amb_core.conversation import current_message, remaining
 from amb_core.errors import (
     AmbError,
     BrokerConnectionError,
@@ -10,6 +11,7 @@ from amb_core.errors import (
     MissingDependency,
     NoResponders,
     NotConnected,
+    RemoteError,
     RequestTimeout,
     UnsupportedFeature,
 )
@@ -24,13 +26,17 @@ __all__ = [
     "Capabilities",
     "DecodeError",
     "Delivery",
+    "Gathered",
     "Message",
     "MissingDependency",
     "NoResponders",
     "NotConnected",
+    "RemoteError",
     "RequestTimeout",
     "RetryPolicy",
     "Subscription",
     "UnsupportedFeature",
     "__version__",
+    "current_message",
+    "remaining",
 ]

@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from amb_core import envelope
 from amb_core.broker import INBOX_PREFIX, Broker, BrokerSubscription, Delivery
+from amb_core.conversation import (
+    _HANDLING,
+    CONTROL,
+    CONTROL_TO,
+    EXPIRES,
+    EXPIRY_TOLERANCE,
+    GATHER,
+    REPLY,
+    SEQ,
+    STREAM,
+    TIMEOUT,
+)
 from amb_core.deadletters import DeadLetter, Redrive
-from amb_core.errors import DecodeError, NotConnected, UnsupportedFeature
+from amb_core.errors import (
+    DecodeError,
+    NotConnected,
+    RemoteError,
+    RequestTimeout,
+    UnsupportedFeature,
+)
 from amb_core.message import Message, new_id
 from amb_core.observability._bus import observer_for
 from amb_core.retry import (
@@ -80,7 +101,9 @@ class Subscription:
         self.retry = retry
         self.dead_letter_topic = dead_letter_topic
         self.max_concurrency = max_concurrency
-        self._call = _as_async(handler)
+        self.streaming = inspect.isasyncgenfunction(handler)
+        """An async generator handler answers a request with a stream (``bus.stream``)."""
+        self._call = self._stream_call if self.streaming else _as_async(handler)
         self._broker_sub: BrokerSubscription | None = None
         self._closing = False
         self._busy = 0  # handlers running inline (max_concurrency == 1)
@@ -141,6 +164,18 @@ class Subscription:
                 task.add_done_callback(self._tasks.discard)
                 return
             self._busy += 1
+        deadline: float | None = None
+        if msg.headers and TIMEOUT in msg.headers:
+            deadline = bus._budget(msg)
+            if deadline is None:  # it waited past its caller's deadline: nobody wants it
+                if self.max_concurrency > 1:
+                    self._slots.release()
+                else:
+                    self._busy -= 1
+                if bus._acks:
+                    await bus._ack(delivery)
+                return
+        handling = _HANDLING.set((msg, deadline))
         probe = self._probe
         span: object = None
         timed = False
@@ -178,6 +213,7 @@ class Subscription:
                     await bus._succeeded(msg, delivery, result)
                 return
         finally:
+            _HANDLING.reset(handling)
             if span is not None and probe is not None:
                 probe.end_span(span)
             if self.max_concurrency > 1:
@@ -186,6 +222,28 @@ class Subscription:
                 self._busy -= 1
                 if self._closing and not self._busy:
                     self._idle.set()
+
+    async def _stream_call(self, msg: Message) -> Any:
+        """An async generator handler: a stream request gets each item as a chunk, then the
+        end (or the error); a plain request gets the list of items as its one reply; a plain
+        message just runs it. The stream runs in a task of its own, so the caller can cancel
+        it (``bus.stream`` broken off) without touching the subscription."""
+        bus = self.bus
+        if msg.reply_to is None or STREAM not in msg.headers:
+            items = [item async for item in self.handler(msg)]  # type: ignore[union-attr]
+            return items if msg.reply_to is not None else None
+        task = asyncio.get_running_loop().create_task(bus._serve_stream(self, msg))
+        bus._streaming[msg.id] = task
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            bus._streaming.pop(msg.id, None)
+        if not task.cancelled():
+            task.result()  # a bug below the handler, if anything
+        return None
 
     async def _drain(self, timeout: float) -> None:
         self._closing = True
@@ -250,6 +308,12 @@ class AgentMessageBus:
         self._inbox: OnDemand[str] = OnDemand(self._open_inbox)
         self._kept_dead_letters: set[str] = set()
         self._closing: asyncio.Future[None] | None = None
+        self._streams: dict[str, _Chunks] = {}
+        """Streams this bus reads (``stream``), by request id."""
+        self._gathers: dict[str, _Gathering] = {}
+        self._streaming: dict[str, asyncio.Task[None]] = {}
+        """Streams this bus's handlers serve, by request id (to cancel them)."""
+        self._background: set[asyncio.Future[None]] = set()
         self._observer: Observer | None = observer_for(self, observer)
 
     def attach_observer(self, observer: Observer | None) -> None:
@@ -346,6 +410,9 @@ class AgentMessageBus:
         topic = msg.topic
         if topic not in self._checked_topics:
             self._check_topic(topic)
+        handling = _HANDLING.get()
+        if handling is not None:
+            _inherit(msg, handling[0])
         obs = self._observer
         span = obs.publishing(msg) if obs is not None and obs.tracing is not None else None
         try:
@@ -543,6 +610,10 @@ class AgentMessageBus:
             "dead-lettering %s from %s to %s after %d attempt(s): %r",
             msg.id, msg.topic, destination, msg.attempt, exc,
         )
+        if msg.reply_to is not None:  # its caller waits: tell it, rather than let it time out
+            headers_of_error = _error_headers(exc)
+            headers_of_error[REPLY] = "error"
+            await self._send_reply(msg, Message(topic=msg.reply_to, headers=headers_of_error))
         # A fresh delivery on the dead-letter topic: its consumers get their own attempts.
         dead = msg.copy(topic=destination, headers=headers, reply_to=None, position=None,
                         attempt=1)
@@ -619,27 +690,59 @@ class AgentMessageBus:
     async def request(self, msg: Message, timeout: float | None = None) -> Message:
         """Publish ``msg`` and wait for its reply. Raises :class:`RequestTimeout`
         (a ``TimeoutError``) when none comes within ``timeout`` seconds."""
+        request, timeout = self._prepare(msg, timeout)
+        if self._observer is not None:  # round-trip metrics and a CLIENT span around it all
+            return await self._observer.request(request, timeout, self._request)
+        return await self._request(request, timeout)
+
+    def _prepare(self, msg: Message, timeout: float | None) -> tuple[Message, float]:
+        """The request to send for ``msg``: in the conversation of the handled message (if
+        any), with a budget of ``timeout`` (default the bus's), at most what the handled
+        message's budget has left."""
         self._require_connected()
         if msg.topic not in self._checked_topics:
             self._check_topic(msg.topic)
         timeout = self.request_timeout if timeout is None else timeout
-        request = msg.copy(correlation_id=msg.correlation_id or msg.id)
-        if self._observer is not None:  # round-trip metrics and a CLIENT span around it all
-            return await self._observer.request(request, timeout, self._request)
-        return await self._request(request, timeout)
+        request = msg.copy()
+        handling = _HANDLING.get()
+        if handling is not None:
+            _inherit(request, handling[0])
+            deadline = handling[1]
+            if deadline is not None:
+                timeout = min(timeout, max(deadline - time.monotonic(), 0.0))
+        if request.correlation_id is None:
+            request.correlation_id = request.id
+        request.headers[TIMEOUT] = f"{timeout:.3f}"
+        request.headers[EXPIRES] = f"{time.time() + timeout:.3f}"
+        return request, timeout
+
+    def _budget(self, msg: Message) -> float | None:
+        """The local deadline (``time.monotonic``) of a message that carries a budget, or
+        None when it waited in a queue past its sender's deadline (it is then not handled)."""
+        headers = msg.headers
+        try:
+            expires = float(headers.get(EXPIRES, "inf"))
+            budget = float(headers[TIMEOUT])
+        except ValueError:
+            return time.monotonic() + self.request_timeout  # a foreign header: ignore it
+        if time.time() > expires + EXPIRY_TOLERANCE:
+            logger.info("not handling %s on %s: its caller's deadline passed %.1fs ago",
+                        msg.id, msg.topic, time.time() - expires)
+            return None
+        return time.monotonic() + budget
 
     async def _request(self, request: Message, timeout: float) -> Message:
         if self.broker.capabilities.native_request_reply:
             body, headers = self._encode(request)
             delivery = await self.broker.request(request.topic, body, headers, timeout)
-            return self._decode(delivery)
+            return _checked(self._decode(delivery), request)
         request.reply_to = await self._inbox.get()
         if request.id in self._pending:  # the same message requested twice at once
             request.id = new_id()
         future = self._pending.expect(request.id, timeout, repr(request.topic))
         try:
             await self.publish(request)
-            return await future
+            return _checked(await future, request)
         finally:
             self._pending.discard(request.id)
 
@@ -654,11 +757,155 @@ class AgentMessageBus:
         except DecodeError:
             logger.warning("dropped a malformed reply on %s", delivery.topic)
             return
-        if not self._pending.resolve(reply.causation_id or "", reply):
-            logger.debug("dropped a reply to %s: its request is gone (timed out?)",
-                         reply.causation_id)
+        key = reply.causation_id or ""
+        if not self._pending.resolve(key, reply) and not self._conversation_reply(key, reply):
+            logger.debug("dropped a reply to %s: its request is gone (timed out?)", key)
         if self._acks:
             await self._ack(delivery)
+
+    def _conversation_reply(self, key: str, reply: Message) -> bool:
+        """A reply to a stream or gather of ours, or a cancellation for a stream we serve."""
+        chunks = self._streams.get(key)
+        if chunks is not None:
+            chunks.put(reply)
+            return True
+        gathering = self._gathers.get(key)
+        if gathering is not None:
+            gathering.add(reply)
+            return True
+        headers = reply.headers
+        if headers.get(CONTROL) == "cancel":
+            task = self._streaming.get(key)
+            if task is not None:
+                logger.debug("the caller of stream %s stopped reading: cancelling it", key)
+                task.cancel()
+            return True
+        control_to = headers.get(CONTROL_TO)
+        if control_to is not None and headers.get(REPLY) == "chunk":
+            self._spawn(self._cancel_stream(control_to, key))  # its reader is gone
+            return True
+        return False
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_stream(self, control_to: str, key: str) -> None:
+        """Tell the bus serving stream ``key`` (at its inbox ``control_to``) to stop."""
+        cancel = Message(topic=control_to, headers={CONTROL: "cancel"}, causation_id=key)
+        try:
+            if self._local:
+                blocked = self.broker.publish_local(cancel)
+                if blocked is not None:
+                    await blocked
+            else:
+                body, headers = self._encode(cancel)
+                await self.broker.send_reply(control_to, body, headers)
+        except Exception as exc:
+            logger.debug("could not cancel stream %s: %r", key, exc)
+
+    # --- streams and gather ------------------------------------------------------------------
+
+    async def stream(
+        self, msg: Message, *, timeout: float | None = None, idle_timeout: float | None = None
+    ) -> AsyncGenerator[Message, None]:
+        """Ask the handler of ``msg.topic`` for a stream (an async generator handler) and
+        yield its chunks in order, until it ends. The handler's exception raises
+        :class:`RemoteError` here; :class:`RequestTimeout` when the whole stream takes longer
+        than ``timeout`` (default the bus's request timeout, at most what the handled
+        message's budget has left) or no chunk comes for ``idle_timeout`` seconds. Breaking
+        out of the loop (or being cancelled) cancels the handler."""
+        request, timeout = self._prepare(msg, timeout)
+        request.headers[STREAM] = "1"
+        request.reply_to = await self._inbox.get()
+        chunks = _Chunks()
+        self._streams[request.id] = chunks
+        ended = False
+        control_to: str | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self.publish(request)
+            expected = 0
+            while True:
+                wait = deadline - loop.time()
+                if idle_timeout is not None:
+                    wait = min(wait, idle_timeout)
+                chunk = await chunks.get(wait, request, expected)
+                control_to = chunk.headers.get(CONTROL_TO, control_to)
+                kind = chunk.headers.get(REPLY)
+                expected += 1
+                if kind == "end":
+                    ended = True
+                    return
+                if kind == "error":
+                    ended = True
+                    raise _remote_error(chunk, request)
+                yield chunk
+        finally:
+            self._streams.pop(request.id, None)
+            if not ended and control_to is not None:
+                self._spawn(self._cancel_stream(control_to, request.id))
+
+    async def _serve_stream(self, sub: Subscription, request: Message) -> None:
+        """Run an async generator handler for a stream request: each item a chunk, in order,
+        then the end; its exception becomes the stream's error (not retried: chunks already
+        went out); a cancellation (the caller stopped reading) closes the generator."""
+        control_to = await self._inbox.get()
+        generator: AsyncGenerator[Any, None] = sub.handler(request)  # type: ignore[assignment]
+        seq = 0
+        try:
+            async for item in generator:
+                await self._send_chunk(request, item, seq, "chunk", control_to)
+                seq += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("stream handler %r failed on %s after %d chunk(s): %r",
+                           sub.handler, request.id, seq, exc)
+            await self._send_chunk(request, _error_headers(exc), seq, "error", control_to)
+            return
+        finally:
+            await generator.aclose()
+        await self._send_chunk(request, None, seq, "end", control_to)
+
+    async def _send_chunk(self, request: Message, item: Any, seq: int, kind: str,
+                          control_to: str) -> None:
+        if kind == "error":
+            chunk = Message(topic=request.reply_to or "", headers=dict(item))
+        elif isinstance(item, Message):
+            chunk = item.copy()
+        else:
+            chunk = Message(topic=request.reply_to or "", payload=item)
+        chunk.headers[REPLY] = kind
+        chunk.headers[SEQ] = str(seq)
+        chunk.headers[CONTROL_TO] = control_to
+        await self._send_reply(request, chunk)
+
+    async def gather(
+        self, msg: Message, *, timeout: float | None = None, max_replies: int | None = None
+    ) -> Gathered:
+        """Ask every subscriber of ``msg.topic`` (plain subscriptions; a consumer group
+        answers once) and collect their replies until ``max_replies`` came or ``timeout``
+        (default the bus's request timeout, within the handled message's budget) ran out,
+        whichever is first. A responder whose handler raised is reported in
+        :attr:`Gathered.errors`, the others' replies are kept."""
+        if max_replies is not None and max_replies < 1:
+            raise ValueError("max_replies must be at least 1")
+        request, timeout = self._prepare(msg, timeout)
+        request.headers[GATHER] = "1"
+        request.reply_to = await self._inbox.get()
+        gathering = _Gathering(max_replies, request)
+        self._gathers[request.id] = gathering
+        try:
+            await self.publish(request)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(gathering.full), timeout)
+        finally:
+            self._gathers.pop(request.id, None)
+        return Gathered(gathering.replies, gathering.errors)
+
 
     # --- dead letters ------------------------------------------------------------------------
 
@@ -736,3 +983,112 @@ class AgentMessageBus:
             if delivery.position is not None:
                 msg.position = delivery.position
             yield msg
+
+
+@dataclass
+class Gathered:
+    """What :meth:`AgentMessageBus.gather` collected: each responder's reply, and the errors
+    of those whose handler raised (one :class:`RemoteError` each)."""
+
+    replies: list[Message] = field(default_factory=list)
+    errors: list[RemoteError] = field(default_factory=list)
+
+
+class _Gathering:
+    __slots__ = ("_max", "_request", "errors", "full", "replies")
+
+    def __init__(self, max_replies: int | None, request: Message) -> None:
+        self._max = max_replies
+        self._request = request
+        self.replies: list[Message] = []
+        self.errors: list[RemoteError] = []
+        self.full: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, reply: Message) -> None:
+        if reply.headers.get(REPLY) == "error":
+            self.errors.append(_remote_error(reply, self._request))
+        else:
+            self.replies.append(reply)
+        count = len(self.replies) + len(self.errors)
+        if self._max is not None and count >= self._max and not self.full.done():
+            self.full.set_result(None)
+
+
+class _Chunks:
+    """A stream's replies as they come, handed out in their order (``amb-seq``): a chunk that
+    overtook another waits for it, a duplicate is dropped. No timer while chunks are queued."""
+
+    __slots__ = ("_early", "_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Message] = deque()
+        self._early: dict[int, Message] = {}
+        self._waiter: asyncio.Future[bool] | None = None
+
+    def put(self, chunk: Message) -> None:
+        self._items.append(chunk)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    async def get(self, wait: float, request: Message, expected: int) -> Message:
+        while True:
+            chunk = self._early.pop(expected, None)
+            if chunk is not None:
+                return chunk
+            while self._items:
+                item = self._items.popleft()
+                try:
+                    seq = int(item.headers.get(SEQ, expected))
+                except ValueError:
+                    seq = expected
+                if seq == expected:
+                    return item
+                if seq > expected:
+                    self._early[seq] = item
+            if wait <= 0:
+                raise RequestTimeout(f"the stream from {request.topic!r} timed out "
+                                     f"(request {request.id})")
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(wait, _settle, waiter, False)
+            try:
+                came = await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not came:
+                raise RequestTimeout(f"no chunk of the stream from {request.topic!r} within "
+                                     f"{wait:.1f}s (request {request.id})")
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _inherit(msg: Message, handled: Message) -> None:
+    """A message sent from inside a handler joins the handled message's conversation."""
+    if msg.id == handled.id:
+        return  # the handled message itself (a dead letter is a copy of it)
+    if msg.causation_id is None:
+        msg.causation_id = handled.id
+    if msg.correlation_id is None:
+        msg.correlation_id = handled.correlation_id or handled.id
+
+
+def _error_headers(exc: BaseException) -> dict[str, str]:
+    return {ERROR_TYPE: type(exc).__qualname__, ERROR_MESSAGE: str(exc)[:MAX_ERROR_TEXT]}
+
+
+def _remote_error(reply: Message, request: Message) -> RemoteError:
+    headers = reply.headers
+    return RemoteError(headers.get(ERROR_TYPE, "Exception"), headers.get(ERROR_MESSAGE, ""),
+                       request.topic)
+
+
+def _checked(reply: Message, request: Message) -> Message:
+    """The reply, or the :class:`RemoteError` its handler's failure stands for."""
+    if reply.headers and reply.headers.get(REPLY) == "error":
+        raise _remote_error(reply, request)
+    return reply

@@ -35,3 +35,14 @@ class DecodeError(AmbError, ValueError):
 
 class NotConnected(AmbError, RuntimeError):
     """The bus was used before ``connect()`` or after ``close()``."""
+
+
+class RemoteError(AmbError, RuntimeError):
+    """The handler that served a request or stream raised; ``remote_type`` and ``remote_text``
+    are its exception's type name and text (nothing else of it crosses the wire)."""
+
+    def __init__(self, remote_type: str, remote_text: str, topic: str = "") -> None:
+        where = f" serving {topic!r}" if topic else ""
+        super().__init__(f"the handler{where} raised {remote_type}: {remote_text}")
+        self.remote_type = remote_type
+        self.remote_text = remote_text

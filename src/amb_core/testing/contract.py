@@ -34,7 +34,15 @@ from typing import Any
 
 import pytest
 
-from amb_core import AgentMessageBus, Message, RequestTimeout, RetryPolicy
+from amb_core import (
+    AgentMessageBus,
+    Message,
+    RemoteError,
+    RequestTimeout,
+    RetryPolicy,
+    current_message,
+    remaining,
+)
 from amb_core.broker import Broker, Capabilities, Delivery
 from amb_core.errors import NotConnected, UnsupportedFeature
 from amb_core.retry import ATTEMPTS, ERROR_MESSAGE, ERROR_TYPE, ORIGINAL_TOPIC
@@ -935,3 +943,180 @@ class BrokerContract:
         await adapter.publish(topic, b"{}", headers)
         await asyncio.wait_for(got.wait(), self.wait)
         assert headers == before, "the adapter changed the headers it was given"
+
+
+    # --- agent conversations: streams, failures, cancellation, causation, deadlines, gather --
+
+    async def test_stream_arrives_in_order_then_ends(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+
+        async def writer(msg: Message) -> AsyncIterator[dict[str, int]]:
+            for n in range(msg.payload["chunks"]):
+                yield {"n": n}
+
+        await server.subscribe(topic, writer)
+        chunks = [c async for c in client.stream(Message(topic=topic, payload={"chunks": 200}),
+                                                 timeout=self.wait)]
+        assert [c.payload for c in chunks] == [{"n": n} for n in range(200)]
+        empty = [c async for c in client.stream(Message(topic=topic, payload={"chunks": 0}),
+                                                timeout=self.wait)]
+        assert empty == []
+
+    async def test_stream_error_raises_in_the_caller(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+
+        async def broken(msg: Message) -> AsyncIterator[str]:
+            yield "one"
+            yield "two"
+            raise ValueError("the model went away")
+
+        await server.subscribe(topic, broken)
+        got: list[Any] = []
+        with pytest.raises(RemoteError) as info:
+            async for chunk in client.stream(Message(topic=topic, payload=None),
+                                             timeout=self.wait):
+                got.append(chunk.payload)
+        assert got == ["one", "two"]
+        assert info.value.remote_type == "ValueError"
+        assert info.value.remote_text == "the model went away"
+
+    async def test_a_caller_that_stops_reading_cancels_the_stream(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+        stopped = asyncio.Event()
+        produced = 0
+
+        async def endless(msg: Message) -> AsyncIterator[int]:
+            nonlocal produced
+            try:
+                while True:
+                    produced += 1
+                    yield produced
+                    await asyncio.sleep(0.01)
+            finally:
+                stopped.set()
+
+        await server.subscribe(topic, endless)
+        async for chunk in client.stream(Message(topic=topic, payload=None), timeout=self.wait):
+            if chunk.payload >= 3:
+                break
+        await asyncio.wait_for(stopped.wait(), self.wait)
+        count = produced
+        await asyncio.sleep(0.1)
+        assert produced == count, "the handler went on after its caller stopped"
+        # The subscription itself is untouched: the next stream works.
+        again = client.stream(Message(topic=topic, payload=None), timeout=self.wait)
+        first = await again.__anext__()
+        await again.aclose()
+        assert first.payload >= 1
+
+    async def test_a_failing_request_handler_raises_remote_error_in_the_caller(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        server, client = await make_bus(), await make_bus()
+
+        async def fail(msg: Message) -> str:
+            raise KeyError("no such account")
+
+        await server.subscribe(topic, fail, retry=RetryPolicy(max_attempts=2,
+                                                                initial_delay=0.01))
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as info:
+            await client.request(Message(topic=topic, payload=1), timeout=self.wait)
+        assert info.value.remote_type == "KeyError"
+        assert time.monotonic() - started < self.wait / 2, "the caller waited out its timeout"
+
+    async def test_causation_follows_itself(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        bus = await make_bus()
+        notes, answered = Collector(), Collector()
+
+        async def lookup(msg: Message) -> str:
+            await answered(msg)
+            return "found"
+
+        async def planner(msg: Message) -> Any:
+            assert current_message() is msg
+            await bus.publish(Message(topic=f"{topic}.notes", payload="planning"))
+            return (await bus.request(Message(topic=f"{topic}.lookup", payload="q"),
+                                      timeout=self.wait)).payload
+
+        await bus.subscribe(f"{topic}.notes", notes)
+        await bus.subscribe(f"{topic}.lookup", lookup)
+        await bus.subscribe(f"{topic}.plan", planner, max_concurrency=2)
+        client = await make_bus()
+        ask = Message(topic=f"{topic}.plan", payload="go", correlation_id="conversation-1")
+        reply = await client.request(ask, timeout=self.wait)
+        assert reply.payload == "found"
+        await notes.wait_count(1, self.wait)
+        for child in (notes.messages[0], answered.messages[0]):
+            assert child.correlation_id == "conversation-1"
+            assert child.causation_id == ask.id
+        assert current_message() is None
+
+    async def test_deadlines_are_inherited_and_expired_messages_skipped(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        bus, client = await make_bus(), await make_bus()
+        budgets: dict[str, float | None] = {}
+
+        async def inner(msg: Message) -> str:
+            budgets["inner"] = remaining()
+            return "ok"
+
+        async def outer(msg: Message) -> Any:
+            budgets["outer"] = remaining()
+            return (await bus.request(Message(topic=f"{topic}.inner", payload=1))).payload
+
+        await bus.subscribe(f"{topic}.inner", inner)
+        await bus.subscribe(f"{topic}.outer", outer, max_concurrency=2)
+        assert (await client.request(Message(topic=f"{topic}.outer", payload=1),
+                                     timeout=3.0)).payload == "ok"
+        outer_left, inner_left = budgets["outer"], budgets["inner"]
+        assert outer_left is not None and inner_left is not None
+        assert 0 < inner_left <= outer_left + 0.01 <= 3.01, budgets  # not the 30 s default
+        assert remaining() is None
+
+        handled = Collector()
+        await bus.subscribe(f"{topic}.late", handled)
+        stale = Message(topic=f"{topic}.late", payload="stale",
+                        headers={"amb-timeout": "1.000", "amb-expires": f"{time.time() - 60:.3f}"})
+        await client.publish(stale)
+        await client.publish(Message(topic=f"{topic}.late", payload="fresh"))
+        await handled.wait_count(1, self.wait)
+        await asyncio.sleep(0.1)
+        assert handled.payloads == ["fresh"], "a message past its deadline was handled"
+
+    async def test_gather_collects_every_responder(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        client = await make_bus()
+
+        def reviewer(verdict: str | None) -> Callable[[Message], Awaitable[str]]:
+            async def review(msg: Message) -> str:
+                if verdict is None:
+                    raise RuntimeError("reviewer crashed")
+                return verdict
+            return review
+
+        for verdict in ("approve", "approve", "reject", None):
+            responder = await make_bus()
+            await responder.subscribe(topic, reviewer(verdict),
+                                      retry=RetryPolicy(max_attempts=1))
+        started = time.monotonic()
+        result = await client.gather(Message(topic=topic, payload="draft"), timeout=self.wait,
+                                     max_replies=4)
+        assert time.monotonic() - started < self.wait / 2, "gather waited for its timeout"
+        assert sorted(r.payload for r in result.replies) == ["approve", "approve", "reject"]
+        assert [e.remote_type for e in result.errors] == ["RuntimeError"]
+        quick = await client.gather(Message(topic=topic, payload="draft"), timeout=self.wait,
+                                    max_replies=1)
+        assert len(quick.replies) + len(quick.errors) >= 1
+        nobody = await client.gather(Message(topic=f"{topic}.nobody", payload=1), timeout=0.3)
+        assert nobody.replies == [] and nobody.errors == []

@@ -49,6 +49,7 @@ from amb_core.adapters.rabbitmq.naming import (
 )
 from amb_core.adapters.rabbitmq.subscriptions import Subscription, open_channel, to_delivery
 from amb_core.broker import (
+    INBOX_PREFIX,
     Broker,
     BrokerSubscription,
     Capabilities,
@@ -451,6 +452,9 @@ class RabbitMQBroker(Broker):
         the default exchange. The AMQP correlation id is the request's id, which the reply's
         envelope carries as ``causationid``; a plain AMQP client's request was handed to the
         bus with an address of ours that stands for its queue and correlation id."""
+        if reply_to.startswith(INBOX_PREFIX):  # the bus's own reply topic (streams, gather)
+            await self.publish(reply_to, body, headers)
+            return
         correlation_id = headers.get(CAUSATION_ID)
         if reply_to.startswith(FOREIGN_REPLY):
             foreign = self._foreign.pop(reply_to, None)
