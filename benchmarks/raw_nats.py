@@ -200,7 +200,7 @@ async def amb_throughput(url: str, count: int, *, jetstream: bool = False,
         await sub.unsubscribe()
         if jetstream:
             js = broker._conn().jetstream()
-            await js.delete_stream(await broker._stream_for(topic))
+            await js.delete_stream(await broker._js.stream_for(topic))
     return clock.run(count)
 
 
