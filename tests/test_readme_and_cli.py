@@ -47,6 +47,10 @@ def test_readme_python_blocks_run(index: int) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
+    if "agents.writer" in code:
+        assert result.stdout.splitlines()[:2] == ["streams of tokens ", "3 votes"]
+        assert "approve with 10s to spare" in result.stdout
+        assert "remote: RuntimeError model endpoint down" in result.stdout
     if index == 0:
         assert "reply {'sum': 6}" in result.stdout
         assert "task {'action': 'analyze'} correlation c-1" in result.stdout
@@ -57,6 +61,8 @@ async def test_demo_shows_every_pattern() -> None:
     outcome = await run_demo("memory://", say=lines.append)
     assert outcome["task_result"] == ("task-42", {"words": 4})
     assert outcome["request_reply"] == {"sum": 6}
+    assert outcome["stream"] == ["a", "short", "note", "on", "message", "buses"]
+    assert outcome["votes"] == {"approve": 2, "revise": 1}
     assert outcome["wildcards"] == {
         "events.user.*": ["events.user.created", "events.user.deleted"],
         "events.>": ["events.order.paid", "events.user.created", "events.user.deleted"],

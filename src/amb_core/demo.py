@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from amb_core import AgentMessageBus, Message, RetryPolicy
 
@@ -125,8 +125,35 @@ async def run_demo(url: str = "memory://", say: Callable[[str], None] = print) -
             bus_logger.removeFilter(quiet)
         outcome["dead_letter"] = dict(dead_letters[0].headers)
 
-        # 6. Replay for audit.
-        say("\n6. replay 'events.>' for audit")
+        # 6. An agent answering in a stream, then a vote of reviewers.
+        say("\n6. an agent streams its answer; three reviewers vote on it (gather)")
+
+        async def writer(msg: Message) -> AsyncIterator[dict[str, str]]:
+            for word in f"a short note on {msg.payload['subject']}".split():
+                await asyncio.sleep(0)  # a model would be producing tokens here
+                yield {"token": word}
+
+        await bus.subscribe("agents.writer", writer)
+        tokens = [chunk.payload["token"] async for chunk in bus.stream(
+            Message(topic="agents.writer", payload={"subject": "message buses"}), timeout=5)]
+        say(f"   writer streamed {len(tokens)} chunks: {' '.join(tokens)}")
+        outcome["stream"] = tokens
+
+        def reviewer(name: str, verdict: str) -> Callable[[Message], object]:
+            async def review(draft: Message) -> dict[str, str]:
+                return {"reviewer": name, "verdict": verdict}
+            return review
+
+        for name, verdict in (("ada", "approve"), ("bo", "approve"), ("cy", "revise")):
+            await bus.subscribe("agents.reviewers", reviewer(name, verdict))
+        votes = await bus.gather(Message(topic="agents.reviewers", payload=" ".join(tokens)),
+                                 timeout=5, max_replies=3)
+        tally = Counter(reply.payload["verdict"] for reply in votes.replies)
+        say(f"   votes: {dict(sorted(tally.items()))}")
+        outcome["votes"] = dict(tally)
+
+        # 7. Replay for audit.
+        say("\n7. replay 'events.>' for audit")
         audit = [msg async for msg in bus.replay("events.>")]
         for msg in audit:
             say(f"   #{msg.position} {msg.topic} {msg.payload}")
