@@ -49,7 +49,7 @@ def test_readme_python_blocks_run(index: int) -> None:
     assert result.returncode == 0, result.stderr
     if "agents.writer" in code:
         assert result.stdout.splitlines()[:2] == ["streams of tokens ", "3 votes"]
-        assert "approve with 10s to spare" in result.stdout
+        assert re.search(r"^approve with (9|10)s to spare$", result.stdout, re.M)
         assert "remote: RuntimeError model endpoint down" in result.stdout
     if index == 0:
         assert "reply {'sum': 6}" in result.stdout
