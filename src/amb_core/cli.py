@@ -17,6 +17,7 @@ import orjson
 from amb_core import AgentMessageBus, Message
 from amb_core.broker import mask_url
 from amb_core.config import url_from_env
+from amb_core.conversation import conversation_tree
 from amb_core.errors import AmbError
 
 URL_HELP = ("broker URL (default: $AMB_URL, else the one of $REDIS_URL, $NATS_URL, "
@@ -191,6 +192,19 @@ async def _dead_letters_redrive(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _conversation(args: argparse.Namespace) -> int:
+    async with AgentMessageBus.from_url(args.url) as bus:
+        messages = [msg async for msg in bus.replay(args.pattern)]
+    roots = conversation_tree(messages, args.correlation_id)
+    for root in roots:
+        for line in root.lines():
+            print(line)
+    count = sum(len(root.lines()) for root in roots)
+    print(f"{count} message(s) of conversation {args.correlation_id} in {args.pattern}",
+          file=sys.stderr)
+    return 0
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from amb_core.demo import run_demo
 
@@ -292,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--limit", type=int, default=0, help="at most N letters")
         sub.add_argument("--url", default=None, help=url_help)
         sub.set_defaults(run=run)
+
+    conversation = command("conversation", "print one conversation (a correlation id) as the "
+                           "tree of what caused what, replayed from a broker that keeps a log")
+    conversation.add_argument("correlation_id")
+    conversation.add_argument("pattern", help="the topics to replay, e.g. 'agents.>'")
+    conversation.set_defaults(run=_conversation)
 
     bench = command("bench", "measure throughput and request/response round trips")
     bench.add_argument("--messages", type=int, default=200_000)

@@ -17,7 +17,9 @@ decides that a message which waited in a queue past its deadline is not handled 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,3 +63,32 @@ def remaining() -> float | None:
     if handling is None or handling[1] is None:
         return None
     return max(handling[1] - time.monotonic(), 0.0)
+
+
+@dataclass
+class Turn:
+    """One message of a conversation and the messages it caused (see :func:`conversation_tree`)."""
+
+    message: Message
+    caused: list[Turn] = field(default_factory=list)
+
+    def lines(self, depth: int = 0) -> list[str]:
+        """The tree as indented lines: topic, id, and what caused what."""
+        msg = self.message
+        own = [f"{'  ' * depth}{msg.topic}  {msg.id}"]
+        return own + [line for turn in self.caused for line in turn.lines(depth + 1)]
+
+
+def conversation_tree(messages: Iterable[Message], correlation_id: str) -> list[Turn]:
+    """The messages of one conversation (``correlation_id``) as trees by ``causation_id``,
+    in the order given (a replay's is the broker's). A message whose cause is not among them
+    is a root."""
+    turns = {m.id: Turn(m) for m in messages if m.correlation_id == correlation_id}
+    roots: list[Turn] = []
+    for turn in turns.values():
+        cause = turns.get(turn.message.causation_id or "")
+        if cause is None or cause is turn:
+            roots.append(turn)
+        else:
+            cause.caused.append(turn)
+    return roots
