@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 import pytest
@@ -272,3 +273,25 @@ async def test_the_same_message_requested_twice_at_once_gets_two_replies() -> No
         replies = await asyncio.gather(bus.request(request, timeout=5),
                                        bus.request(request, timeout=5))
         assert [r.payload for r in replies] == ["same", "same"]
+
+
+async def test_memory_group_shares_the_load_when_handlers_never_await() -> None:
+    """Issue 11: 20 messages to 4 members whose handlers never suspend went 20/0/0/0."""
+    async with AgentMessageBus(observer=False) as bus:
+        counts = [0, 0, 0, 0]
+        done = asyncio.Event()
+
+        def member(index: int) -> Callable[[Message], Awaitable[None]]:
+            async def handle(msg: Message) -> None:
+                counts[index] += 1  # never awaits
+                if sum(counts) == 20:
+                    done.set()
+            return handle
+
+        for index in range(4):
+            await bus.subscribe("shared.work", member(index), consumer_group="g")
+        for i in range(20):
+            await bus.publish(Message(topic="shared.work", payload=i))
+        await asyncio.wait_for(done.wait(), 5)
+        assert sum(counts) == 20
+        assert min(counts) >= 3, counts
