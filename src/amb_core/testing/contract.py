@@ -316,6 +316,33 @@ class BrokerContract:
         await got.wait_count(1000, self.wait)
         assert got.payloads == list(range(1000))
 
+    async def test_ordering_keys_hold_across_a_group(
+        self, make_bus: Callable[..., Awaitable[AgentMessageBus]], topic: str
+    ) -> None:
+        """Messages of one ``Message.key`` are handled in order across a group's members."""
+        first = await make_bus()
+        caps = self.caps(first)
+        self.need(caps.ordering_keys and caps.consumer_groups, "ordering keys")
+        seen: dict[str, list[int]] = {f"k{k}": [] for k in range(4)}
+        done = asyncio.Event()
+
+        async def handle(msg: Message) -> None:
+            await asyncio.sleep(0.001 * (msg.payload % 3))  # uneven work, to tempt reordering
+            assert msg.key is not None
+            if msg.payload not in seen[msg.key]:  # at-least-once: the first delivery counts
+                seen[msg.key].append(msg.payload)
+            if sum(len(v) for v in seen.values()) == 200:
+                done.set()
+
+        for member in (first, await make_bus()):
+            await member.subscribe(topic, handle, consumer_group="keyed", max_concurrency=4)
+        for n in range(50):
+            for key in seen:
+                await first.publish(Message(topic=topic, payload=n, key=key))
+        await asyncio.wait_for(done.wait(), self.wait * 3)
+        for key, order in seen.items():
+            assert order == list(range(50)), f"key {key} out of order"
+
     # --- request / reply ---------------------------------------------------------------------
 
     async def test_request_response(
