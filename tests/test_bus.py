@@ -295,3 +295,25 @@ async def test_memory_group_shares_the_load_when_handlers_never_await() -> None:
         await asyncio.wait_for(done.wait(), 5)
         assert sum(counts) == 20
         assert min(counts) >= 3, counts
+
+
+async def test_messages_of_one_key_keep_their_order_under_concurrency() -> None:
+    async with AgentMessageBus(observer=False) as bus:
+        seen: dict[str, list[int]] = {"a": [], "b": []}
+        unkeyed: list[int] = []
+        done = asyncio.Event()
+
+        async def handle(msg: Message) -> None:
+            await asyncio.sleep(0.002 if msg.payload % 2 else 0.0)  # odd ones are slower
+            (seen[msg.key] if msg.key else unkeyed).append(msg.payload)
+            if sum(map(len, seen.values())) + len(unkeyed) == 60:
+                done.set()
+
+        await bus.subscribe("keyed", handle, max_concurrency=8)
+        for n in range(20):
+            for key in ("a", "b", None):
+                await bus.publish(Message(topic="keyed", payload=n, key=key))
+        await asyncio.wait_for(done.wait(), 5)
+        assert seen == {"a": list(range(20)), "b": list(range(20))}
+        assert sorted(unkeyed) == list(range(20)) and unkeyed != list(range(20)), \
+            "without a key, concurrency reorders (the test's handler makes sure)"

@@ -110,6 +110,8 @@ class Subscription:
         self._idle = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._by_key: dict[str, asyncio.Task[None]] = {}
+        """The last task started per ``Message.key`` (max_concurrency > 1 only)."""
         # metrics/tracing of this subscription (amb_core.observability); None when off
         observer = bus._observer
         self._probe: SubscriptionProbe | None = (
@@ -134,14 +136,19 @@ class Subscription:
         """Handler calls running now (or waiting to be retried)."""
         return self._busy + len(self._tasks)
 
-    async def _deliver(self, delivery: Delivery, msg: Message | None = None) -> None:
+    async def _deliver(
+        self, delivery: Delivery, msg: Message | None = None,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
         """The one handle -> retry / dead-letter -> reply -> ack sequence of every message.
 
         The adapter calls it per message, in order (``msg`` None), and it returns once the bus
         has taken the message: with one handler at a time it runs the handler inline (no task,
         no extra coroutine frame: this is the hot path); with more it waits for a free slot and
-        runs the same sequence again in a task, with ``msg`` decoded. Observability watches it
-        through the probe's hooks (:mod:`amb_core.hooks`), counted in place.
+        runs the same sequence again in a task, with ``msg`` decoded, ``after`` the task of
+        the previous message with the same ``Message.key`` still running (messages of one key
+        are handled one after the other, in order). Observability watches it through the
+        probe's hooks (:mod:`amb_core.hooks`), counted in place.
         """
         bus = self.bus
         if msg is None:
@@ -159,11 +166,20 @@ class Subscription:
                     msg.attempt = count
             if self.max_concurrency > 1:
                 await self._slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._deliver(delivery, msg))
+                key = msg.key
+                previous = self._by_key.get(key) if key is not None else None
+                task = asyncio.get_running_loop().create_task(
+                    self._deliver(delivery, msg, previous)
+                )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if key is not None:
+                    self._by_key[key] = task
+                    task.add_done_callback(functools.partial(self._key_done, key))
                 return
             self._busy += 1
+        elif after is not None and not after.done():
+            await asyncio.wait({after})
         deadline: float | None = None
         if msg.headers and TIMEOUT in msg.headers:
             deadline = bus._budget(msg)
@@ -222,6 +238,10 @@ class Subscription:
                 self._busy -= 1
                 if self._closing and not self._busy:
                     self._idle.set()
+
+    def _key_done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._by_key.get(key) is task:
+            del self._by_key[key]
 
     async def _stream_call(self, msg: Message) -> Any:
         """An async generator handler: a stream request gets each item as a chunk, then the
