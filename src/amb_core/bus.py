@@ -181,30 +181,28 @@ class Subscription:
         elif after is not None and not after.done():
             await asyncio.wait({after})
         deadline: float | None = None
+        expired = False
         if msg.headers and TIMEOUT in msg.headers:
             deadline = bus._budget(msg)
-            if deadline is None:  # it waited past its caller's deadline: nobody wants it
-                if self.max_concurrency > 1:
-                    self._slots.release()
-                else:
-                    self._busy -= 1
-                if bus._acks:
-                    await bus._ack(delivery)
-                return
+            expired = deadline is None
         handling = _HANDLING.set((msg, deadline))
         probe = self._probe
         span: object = None
         timed = False
-        if probe is not None:
-            probe.stats.delivered += 1
-            if probe.tracing is not None:
-                span = probe.start_span(msg)
-            if probe.skip:
-                probe.skip -= 1
-            else:
-                probe.start_timing(msg)
-                timed = True
         try:
+            if expired:  # it waited past its caller's deadline: nobody wants it any more
+                if bus._acks:
+                    await bus._ack(delivery)
+                return
+            if probe is not None:
+                probe.stats.delivered += 1
+                if probe.tracing is not None:
+                    span = probe.start_span(msg)
+                if probe.skip:
+                    probe.skip -= 1
+                else:
+                    probe.start_timing(msg)
+                    timed = True
             while True:
                 try:
                     result = await self._call(msg)
