@@ -322,6 +322,8 @@ async def test_prometheus_scrape_shows_the_built_in_metrics_of_a_running_bus() -
             await wait_for(dead_letters)
             reply = await client.request(Message(topic=rpc, payload=7), timeout=WAIT)
             assert reply.payload == {"echo": 7}
+            stale = {"amb-timeout": "1.000", "amb-expires": f"{time.time() - 60:.3f}"}
+            await bus.publish(Message(topic=orders, payload="stale", headers=stale))
             await bus.publish(Message(topic=orders, payload="block"))
 
             # A handler is blocked now: in flight shows it.
@@ -347,8 +349,9 @@ async def test_prometheus_scrape_shows_the_built_in_metrics_of_a_running_bus() -
     topic_labels = frozenset({("broker", "memory"), ("topic", label)})
     dead_labels = frozenset({("broker", "memory"), ("pattern", dead)})
     assert label == f"{base}.>"
-    # published: 14 orders + 3 dead letters + 1 request, all under the bounded label
-    assert value("amb_messages_published_total", topic_labels) == 18
+    # published: 15 orders (one stale) + 3 dead letters + 1 request, under the bounded label
+    assert value("amb_messages_published_total", topic_labels) == 19
+    assert value("amb_messages_expired_total", sub_labels) == 1
     assert value("amb_messages_delivered_total", sub_labels) == 14
     assert value("amb_handler_succeeded_total", sub_labels) == 11  # 10 orders + the blocked one
     assert value("amb_handler_failed_total", sub_labels) == 6  # 3 poison x 2 attempts

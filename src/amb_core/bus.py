@@ -191,6 +191,8 @@ class Subscription:
         timed = False
         try:
             if expired:  # it waited past its caller's deadline: nobody wants it any more
+                if probe is not None:
+                    probe.expired(msg)
                 if bus._acks:
                     await bus._ack(delivery)
                 return

@@ -80,6 +80,10 @@ class SubscriptionProbe(Protocol):
 
     def retrying(self, msg: Message, delay: float) -> None: ...
 
+    def expired(self, msg: Message) -> None:
+        """``msg`` waited past its caller's deadline and is not handled."""
+        ...
+
     def dead_lettered(self, msg: Message, destination: str) -> None: ...
 
 

@@ -104,8 +104,8 @@ class SubscriptionStats:
     subscriptions when scraped (the bus counts its running handlers anyway)."""
 
     __slots__ = (
-        "dead_lettered", "delivered", "failed", "handler", "labels", "lag", "retried",
-        "subscriptions", "succeeded",
+        "dead_lettered", "delivered", "expired", "failed", "handler", "labels", "lag",
+        "retried", "subscriptions", "succeeded",
     )
 
     def __init__(self, broker: str, pattern: str) -> None:
@@ -115,6 +115,7 @@ class SubscriptionStats:
         self.failed = 0
         self.retried = 0
         self.dead_lettered = 0
+        self.expired = 0
         self.handler = Histogram(HANDLER_BUCKETS)
         self.lag = Histogram(LAG_BUCKETS)
         self.subscriptions: weakref.WeakSet[ObservedSubscription] = weakref.WeakSet()
@@ -153,6 +154,8 @@ _SUB_COUNTERS = (
     ("amb_messages_retried", "Retries scheduled after a failed handler call.", "retried"),
     ("amb_messages_dead_lettered", "Messages sent to a dead-letter destination.",
      "dead_lettered"),
+    ("amb_messages_expired",
+     "Messages not handled because they waited past their caller's deadline.", "expired"),
 )
 _OTEL_NAMES = {
     "delivered": "amb.messages.delivered",
@@ -160,6 +163,7 @@ _OTEL_NAMES = {
     "failed": "amb.handler.failed",
     "retried": "amb.messages.retried",
     "dead_lettered": "amb.messages.dead_lettered",
+    "expired": "amb.messages.expired",
 }
 _SUB_HISTOGRAMS = (
     ("amb_handler_duration_seconds", "Duration of one handler call.", "handler"),
@@ -612,6 +616,9 @@ class Probe:
             self.tracing.current_span().add_event(
                 "retry", {"amb.attempt": msg.attempt, "amb.retry.delay": delay}
             )
+
+    def expired(self, msg: Message) -> None:
+        self.stats.expired += 1
 
     def dead_lettered(self, msg: Message, destination: str) -> None:
         self.stats.dead_lettered += 1
