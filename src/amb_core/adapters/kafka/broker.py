@@ -64,6 +64,8 @@ class KafkaBroker(Broker):
     meanwhile, across reconnects) before it fails. ``session_timeout``: the group session
     (a member that stops heartbeating is replaced after it; Kafka brokers refuse less than 6 s
     by default). ``metadata_refresh``: how often wildcard subscriptions look for new topics.
+    ``fetch_wait``: librdkafka's ``fetch.wait.max.ms``; tansu answers a fetch only when it
+    expires, so it bounds the latency of a delivery (and of each leg of a request) there.
     """
 
     header_prefix = "ce_"
@@ -82,6 +84,7 @@ class KafkaBroker(Broker):
         session_timeout: float = 10.0,
         heartbeat_interval: float | None = None,
         metadata_refresh: float = 2.0,
+        fetch_wait: float = 0.1,
         max_payload: int = 1_000_000,
         reply_retention: float = 3600.0,
         security_protocol: str | None = None,
@@ -171,7 +174,7 @@ class KafkaBroker(Broker):
             "session.timeout.ms": int(session_timeout * 1000),
             "heartbeat.interval.ms": max(1, int(heartbeat * 1000)),
             "topic.metadata.refresh.interval.ms": max(100, int(metadata_refresh * 1000)),
-            "fetch.wait.max.ms": 100,
+            "fetch.wait.max.ms": max(1, int(fetch_wait * 1000)),
             "fetch.max.bytes": max(52428800, max_payload + 64 * 1024),
             "message.max.bytes": max(1000000, max_payload + 64 * 1024),
             **dict(consumer_config or {}),
