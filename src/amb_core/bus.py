@@ -994,11 +994,16 @@ class AgentMessageBus:
             raise UnsupportedFeature(f"{type(self.broker).__name__} keeps no log to replay")
         if isinstance(since, float):
             since = datetime.fromtimestamp(since, timezone.utc)
+        # A broker seeks by its own record time (set when the record was written, a hair
+        # after the message's); the message's own timestamp decides what is "since".
+        not_before = since.timestamp() if isinstance(since, datetime) else None
         async for delivery in self.broker.replay(topic, since):
             try:
                 msg = delivery.message or self._decode(delivery)
             except DecodeError as exc:
                 logger.warning("replay skipped a malformed message on %s: %s", delivery.topic, exc)
+                continue
+            if not_before is not None and 0.0 < msg.timestamp < not_before:
                 continue
             if delivery.position is not None:
                 msg.position = delivery.position

@@ -783,8 +783,10 @@ class BrokerContract:
         await operators.subscribe(default, got_default, consumer_group="operators")
         await got_own.wait_count(3, self.wait)
         await got_default.wait_count(3, self.wait)
-        assert got_own.payloads[:3] == [0, 1, 2]
-        assert got_default.payloads[:3] == [0, 1, 2]
+        if caps.ordering:  # oldest first, where the broker keeps an order at all
+            assert got_own.payloads[:3] == [0, 1, 2]
+            assert got_default.payloads[:3] == [0, 1, 2]
+        assert sorted(got_own.payloads) == sorted(got_default.payloads) == [0, 1, 2]
         assert {m.headers[ORIGINAL_TOPIC] for m in got_own.messages} == {f"{topic}.a"}
         assert {m.headers[ORIGINAL_TOPIC] for m in got_default.messages} == {f"{topic}.b"}
 
