@@ -258,6 +258,7 @@ class FakeSubscription:
         self.locked: dict[uuid.UUID, _Entry] = {}
         self.dead: list[_Entry] = []
         self.deleted = False
+        self.auto_delete_on_idle: datetime.timedelta | None = None
         self.changed = asyncio.Event()
         self.received = 0
 
@@ -299,6 +300,12 @@ class FakeNamespace:
         self.settled = 0
         self.renewed = 0
         self.sent = 0
+        self.last_sent: _Entry | None = None
+        self.settle_delay = 0.0
+        """Seconds each settlement waits for the (fake) service."""
+        self.settling = 0
+        self.settling_peak = 0
+        """Most settlements in flight at once."""
 
     def client(self) -> FakeClient:
         return FakeClient(self)
@@ -330,6 +337,7 @@ class FakeNamespace:
             raise MessageSizeExceededError(message=f"message of {size} bytes is over "
                                            f"{self.max_message_size}")
         self.sent += 1
+        self.last_sent = entry
         for sub in topic.subscriptions.values():
             if not sub.deleted and sub.accepts(entry.properties):
                 copy = entry.copy()
@@ -491,7 +499,13 @@ class FakeReceiver:
 
     async def complete_message(self, message: FakeReceivedMessage) -> None:
         sub, entry = self._take(message, "complete")
-        await asyncio.sleep(0)  # settlements wait for the service in 7.15
+        ns = self._ns
+        ns.settling += 1
+        ns.settling_peak = max(ns.settling_peak, ns.settling)
+        try:
+            await asyncio.sleep(ns.settle_delay)  # settlements wait for the service in 7.15
+        finally:
+            ns.settling -= 1
         sub, entry = self._take(message, "complete")
         self._unlock(sub, entry, message)
 
@@ -653,6 +667,7 @@ class FakeAdministrationClient:
         if options.get("requires_session"):
             raise NotImplementedError("the fake has no session-enabled subscriptions")
         sub = FakeSubscription(subscription_name, lock.total_seconds(), max_delivery)
+        sub.auto_delete_on_idle = idle
         topic.subscriptions[subscription_name] = sub
         return sub
 

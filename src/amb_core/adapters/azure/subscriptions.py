@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from amb_core.adapters.azure.rules import TOPIC_PROPERTY
 from amb_core.broker import BrokerSubscription, Delivery, DeliveryHandler
+from amb_core.errors import AmbError
 from amb_core.runtime import AckBatcher, LeaseKeeper, Pump
 from amb_core.topics import is_wildcard, matches
 
@@ -143,10 +144,20 @@ class Subscription(BrokerSubscription):
         await asyncio.shield(self._opened)
 
     async def _open(self) -> Any:
+        from azure.servicebus.exceptions import MessagingEntityNotFoundError
+
         broker = self.broker
         receiver = broker.receiver(self.name)
         with broker.errors.mapped(f"opening the receiver of {self.name!r}"):
-            await receiver.__aenter__()
+            try:
+                await receiver.__aenter__()
+            except MessagingEntityNotFoundError as exc:
+                raise AmbError(
+                    f"Azure Service Bus: subscription {self.name!r} of topic "
+                    f"{broker.topic_name!r} (for {self.pattern!r}) does not exist"
+                    + ("; with manage=False create it as docs/azure.md says"
+                       if not broker.manage else "")
+                ) from exc
         return receiver
 
     async def _run(self) -> None:
