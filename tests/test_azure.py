@@ -405,3 +405,75 @@ def test_the_production_code_cannot_reach_the_fake() -> None:
     root = pathlib.Path(__file__).resolve().parents[1] / "src" / "amb_core"
     for path in root.rglob("*.py"):
         assert "azure_fake" not in path.read_text(), path
+
+
+def test_the_fake_stands_where_the_sdk_stands() -> None:
+    """Every method the fake implements exists on the SDK's class, coroutine for coroutine,
+    and takes no parameter the SDK's does not (the adapter calls what both have)."""
+    import inspect
+
+    from azure.servicebus import ServiceBusReceivedMessage
+    from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
+    from azure.servicebus.aio.management import ServiceBusAdministrationClient
+    from tests import azure_fake
+
+    pairs = [(azure_fake.FakeClient, ServiceBusClient), (azure_fake.FakeSender, ServiceBusSender),
+             (azure_fake.FakeReceiver, ServiceBusReceiver),
+             (azure_fake.FakeAdministrationClient, ServiceBusAdministrationClient)]
+    for fake, real in pairs:
+        for name, method in vars(fake).items():
+            if name.startswith("_") and name not in ("__aenter__", "__aexit__"):
+                continue
+            if not callable(method):
+                continue
+            real_method = getattr(real, name, None)
+            assert real_method is not None, f"{real.__name__} has no {name}"
+            assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(
+                real_method), f"{fake.__name__}.{name}: async on one side only"
+            real_parameters = inspect.signature(real_method).parameters
+            open_ended = any(p.kind is p.VAR_KEYWORD for p in real_parameters.values())
+            for parameter in inspect.signature(method).parameters.values():
+                if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                    continue
+                assert parameter.name in real_parameters or open_ended, (
+                    f"{fake.__name__}.{name}({parameter.name}=...) is not the SDK's")
+    received = {name for name in dir(ServiceBusReceivedMessage) if not name.startswith("_")}
+    fake_message = {"application_properties", "body", "content_type", "delivery_count",
+                    "message_id", "session_id", "sequence_number", "lock_token",
+                    "locked_until_utc", "enqueued_time_utc", "dead_letter_reason"}
+    assert fake_message <= received, fake_message - received
+
+
+async def test_the_default_path_builds_the_sdks_own_objects() -> None:
+    """Without factories the adapter makes the SDK's own client, admin client, receivers and
+    messages, with the keyword arguments it uses on the fake (no I/O happens here)."""
+    from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
+    from azure.servicebus.aio.management import ServiceBusAdministrationClient
+    from azure.servicebus.management import CorrelationRuleFilter
+
+    broker = AzureServiceBusBroker(connection_string=FAKE_CONNECTION, topic_name="t")
+    broker._load()
+    client, admin = broker._make_clients()
+    try:
+        assert isinstance(client, ServiceBusClient)
+        assert isinstance(admin, ServiceBusAdministrationClient)
+        broker._client = client
+        assert isinstance(broker.receiver("s"), ServiceBusReceiver)
+        assert isinstance(broker.receiver("s", dead_letter=True), ServiceBusReceiver)
+        assert isinstance(client.get_topic_sender(topic_name="t"), ServiceBusSender)
+        message = broker._message("a.b", b"{}", {"cloudEvents_id": "id-1",
+                                                 "cloudEvents_partitionkey": "k",
+                                                 "content-type": "application/json",
+                                                 "x-app": "y"})
+        assert isinstance(message, ServiceBusMessage)
+        assert (message.message_id, message.session_id, message.content_type) == (
+            "id-1", "k", "application/json")
+        assert message.application_properties == {"cloudEvents_id": "id-1",
+                                                  "cloudEvents_partitionkey": "k",
+                                                  "x-app": "y", "amb_topic": "a.b"}
+        assert isinstance(broker._rule_filter("a.*"), SqlRuleFilter)
+        assert isinstance(broker._rule_filter("a.b"), CorrelationRuleFilter)
+    finally:
+        broker._client = None
+        await client.close()
+        await admin.close()

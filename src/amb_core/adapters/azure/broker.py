@@ -257,6 +257,12 @@ class AzureServiceBusBroker(Broker):
 
     # --- the SDK's objects -------------------------------------------------------------------
 
+    def _load(self) -> None:
+        """Import the SDK (MissingDependency naming the extra when it is absent)."""
+        self._sb = require("azure.servicebus.aio", "azure")
+        self._common = require("azure.servicebus", "azure")
+        self._message_class = self._common.ServiceBusMessage
+
     def _make_clients(self) -> tuple[Any, Any]:
         sb = self._sb
         if self._client_factory is not None:
@@ -295,9 +301,7 @@ class AzureServiceBusBroker(Broker):
     async def connect(self) -> None:
         if self._sender is not None:
             return
-        self._sb = require("azure.servicebus.aio", "azure")
-        self._common = require("azure.servicebus", "azure")
-        self._message_class = self._common.ServiceBusMessage
+        self._load()
         self._close_task = None
         client, admin = self._make_clients()
         try:
