@@ -36,6 +36,7 @@ import heapq
 import itertools
 import re
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -297,6 +298,9 @@ class FakeNamespace:
         self.sequence = itertools.count(1)
         self.receive_failures: list[BaseException] = []
         """Exceptions the next receive calls raise, one each (a lost connection, say)."""
+        self.receivers: weakref.WeakSet[FakeReceiver] = weakref.WeakSet()
+        self.broken: weakref.WeakSet[FakeReceiver] = weakref.WeakSet()
+        self.send_failures = 0
         self.settled = 0
         self.renewed = 0
         self.sent = 0
@@ -306,6 +310,17 @@ class FakeNamespace:
         self.settling = 0
         self.settling_peak = 0
         """Most settlements in flight at once."""
+
+    async def restart(self) -> None:
+        """What the SDK sees of a service restart: every open receiver's next (or current)
+        receive and the next send fail with ``ServiceBusConnectionError``. The messages stay:
+        the service keeps them."""
+        self.broken = weakref.WeakSet(self.receivers)
+        self.send_failures = 1
+        for topic in self.topics.values():
+            for sub in topic.subscriptions.values():
+                sub.changed.set()
+        await asyncio.sleep(0)
 
     def client(self) -> FakeClient:
         return FakeClient(self)
@@ -400,6 +415,9 @@ class FakeSender:
                              "ServiceBusClient to create a new instance.")
         messages = message if isinstance(message, list) else [message]
         await asyncio.sleep(0)  # the service's round trip
+        if self._ns.send_failures:
+            self._ns.send_failures -= 1
+            raise connection_lost()
         for one in messages:
             self._ns.deliver(self._topic, one)
 
@@ -417,6 +435,12 @@ class FakeReceiver:
         self._name = subscription_name
         self._dead_letter = sub_queue == ServiceBusSubQueue.DEAD_LETTER
         self._closed = False
+        ns.receivers.add(self)
+
+    def _check_broken(self) -> None:
+        if self in self._ns.broken:
+            self._ns.broken.discard(self)
+            raise connection_lost()
 
     def _sub(self) -> FakeSubscription:
         if self._closed:
@@ -435,6 +459,7 @@ class FakeReceiver:
                                max_wait_time: float | None = None) -> list[FakeReceivedMessage]:
         if self._ns.receive_failures:
             raise self._ns.receive_failures.pop(0)
+        self._check_broken()
         sub = self._sub()
         if self._dead_letter:
             raise NotImplementedError("the fake peeks the dead-letter queue only")
@@ -450,6 +475,7 @@ class FakeReceiver:
                 await asyncio.wait_for(sub.changed.wait(), left)
             except asyncio.TimeoutError:
                 return []
+            self._check_broken()
             sub = self._sub()  # deleted meanwhile?
         out = []
         while sub.available and len(out) < count:

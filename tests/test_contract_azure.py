@@ -9,8 +9,11 @@ same suite against a real namespace (or the emulator) when
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from tests.azure_fake import FakeNamespace
@@ -31,6 +34,14 @@ def fake_broker(ns: FakeNamespace, **options: object) -> AzureServiceBusBroker:
         connection_string=FAKE_CONNECTION, client_factory=ns.client, admin_factory=ns.admin,
         **options,
     )
+
+
+async def _delete_topic(connection: str, topic: str) -> None:
+    from azure.servicebus.aio.management import ServiceBusAdministrationClient
+
+    async with ServiceBusAdministrationClient.from_connection_string(connection) as admin:
+        with contextlib.suppress(Exception):
+            await admin.delete_topic(topic)
 
 
 class TestAzureContract(BrokerContract):
@@ -62,6 +73,12 @@ class TestAzureContract(BrokerContract):
 
         return publish
 
+    @pytest.fixture
+    def restartable(self, namespace: FakeNamespace):
+        """A simulated restart at the SDK boundary (FakeNamespace.restart): every receiver's
+        receive and the next send fail with ServiceBusConnectionError; messages are kept."""
+        return (lambda: fake_broker(namespace)), namespace.restart
+
 
 @pytest.mark.skipif(not os.environ.get(LIVE_ENV),
                     reason=f"{LIVE_ENV} is not set: no Service Bus namespace to run against "
@@ -76,8 +93,12 @@ class TestAzureLiveContract(BrokerContract):
     redelivery_wait = 90.0
 
     @pytest.fixture(scope="class")
-    def live_topic(self) -> str:
-        return os.environ.get(LIVE_TOPIC_ENV) or f"amb-contract-{uuid.uuid4().hex[:8]}"
+    def live_topic(self) -> Iterator[str]:
+        named = os.environ.get(LIVE_TOPIC_ENV)
+        topic = named or f"amb-contract-{uuid.uuid4().hex[:8]}"
+        yield topic
+        if not named:  # the run's own topic goes, with every subscription on it
+            asyncio.run(_delete_topic(os.environ[LIVE_ENV], topic))
 
     @pytest.fixture
     def broker_factory(self, live_topic: str):

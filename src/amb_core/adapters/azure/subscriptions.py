@@ -7,8 +7,9 @@ read, so its lock is renewed while it waits in the buffer and while its handler 
 
 Settlements wait for the service in azure-servicebus 7.15, one round trip each: completions go
 through an :class:`AckBatcher` whose send runs a turn's completions concurrently
-(``asyncio.gather``). A retry (``retry_later``) abandons the message after the bus's delay (the
-lock is renewed meanwhile); the service redelivers it with its delivery count one higher.
+(``asyncio.gather``) in a task, so turns overlap too. A retry (``retry_later``) abandons the
+message after the bus's delay (the lock is renewed meanwhile); the service redelivers it with
+its delivery count one higher.
 Closing a subscription abandons what it still holds, so another member gets it at once rather
 than after the lock expires.
 """
@@ -125,6 +126,7 @@ class Subscription(BrokerSubscription):
         self._receiver: Any = None
         self._opened = asyncio.get_running_loop().create_future()
         self._later: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()
         self.acks: AckBatcher[Held] = AckBatcher(self._complete_batch,
                                                  name=f"settlements of {self!r}")
         self.leases: LeaseKeeper[Held] = LeaseKeeper(
@@ -236,7 +238,14 @@ class Subscription(BrokerSubscription):
         if self.leases.release(held):
             self.acks.add(held)
 
-    async def _complete_batch(self, batch: list[Held]) -> None:
+    def _complete_batch(self, batch: list[Held]) -> None:
+        """The :class:`AckBatcher`'s send: a turn's completions run concurrently, in a task of
+        their own, so the next turn's do not wait for these round trips either."""
+        task = asyncio.get_running_loop().create_task(self._complete_all(batch))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _complete_all(self, batch: list[Held]) -> None:
         results = await asyncio.gather(*(receiver.complete_message(message)
                                          for receiver, message in batch),
                                        return_exceptions=True)
@@ -297,6 +306,8 @@ class Subscription(BrokerSubscription):
         for later in list(self._later):
             later.cancel()
         await self.acks.close(broker.reconnect.connect_timeout)
+        if self._settling:  # completions still on their way: before the receiver closes
+            await asyncio.wait(set(self._settling), timeout=broker.reconnect.connect_timeout)
         held = self.leases.release_all()
         await self.leases.close()
         await self.pump.close()
