@@ -477,3 +477,31 @@ async def test_the_default_path_builds_the_sdks_own_objects() -> None:
         broker._client = None
         await client.close()
         await admin.close()
+
+
+async def test_retries_keep_their_order_whatever_the_jitter() -> None:
+    """A later message's retry with a shorter delay does not overtake an earlier one's."""
+    ns = FakeNamespace()
+    broker = fake_broker(ns)
+    await broker.connect()
+    try:
+        order: list[tuple[bytes, int | None]] = []
+        done = asyncio.Event()
+
+        async def handle(delivery: Delivery) -> None:
+            order.append((delivery.body, delivery.delivery_count))
+            if delivery.delivery_count == 1:
+                took = await delivery.retry_later(0.2 if delivery.body == b"a" else 0.0)
+                assert took
+                return
+            await delivery.ack()
+            if len(order) == 4:
+                done.set()
+
+        await broker.subscribe("ordered", handle, group="g")
+        await broker.publish("ordered", b"a", {})
+        await broker.publish("ordered", b"b", {})
+        await asyncio.wait_for(done.wait(), 5)
+        assert order == [(b"a", 1), (b"b", 1), (b"a", 2), (b"b", 2)]
+    finally:
+        await broker.close()

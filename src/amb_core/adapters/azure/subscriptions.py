@@ -126,6 +126,7 @@ class Subscription(BrokerSubscription):
         self._receiver: Any = None
         self._opened = asyncio.get_running_loop().create_future()
         self._later: set[asyncio.Task[None]] = set()
+        self._last: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self.acks: AckBatcher[Held] = AckBatcher(self._complete_batch,
                                                  name=f"settlements of {self!r}")
@@ -255,16 +256,25 @@ class Subscription(BrokerSubscription):
                            "them", len(failed), len(batch), self, failed[0])
 
     def abandon_later(self, held: Held, delay: float) -> bool:
+        """Abandon ``held`` after ``delay`` seconds, but never before a retry asked for
+        earlier on this subscription (the bus's jitter would otherwise let a later message's
+        retry overtake an earlier one's, and with it its dead letter)."""
         if self._closed or held not in self.leases:
             return False
-        task = asyncio.get_running_loop().create_task(self._abandon_after(held, delay))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._abandon_after(held, loop.time() + delay, self._last))
+        self._last = task
         self._later.add(task)
         task.add_done_callback(self._later.discard)
         return True
 
-    async def _abandon_after(self, held: Held, delay: float) -> None:
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async def _abandon_after(self, held: Held, at: float,
+                             previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        wait = at - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
         if self.leases.release(held):
             await self._abandon([held])
 
