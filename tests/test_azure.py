@@ -12,6 +12,10 @@ import pathlib
 import time
 
 import pytest
+
+pytest.importorskip("azure.servicebus", reason="azure-servicebus is not installed "
+                    "(pip install 'amb-core[azure]')")
+
 from azure.core.exceptions import HttpResponseError
 from azure.servicebus import ServiceBusMessage
 from azure.servicebus.exceptions import (

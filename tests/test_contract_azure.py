@@ -16,6 +16,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
+pytest.importorskip("azure.servicebus", reason="azure-servicebus is not installed "
+                    "(pip install 'amb-core[azure]')")
+
 from tests.azure_fake import FakeNamespace
 
 from amb_core.adapters import AzureServiceBusBroker
