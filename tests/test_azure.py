@@ -394,9 +394,13 @@ async def test_without_manage_rights_existing_subscriptions_are_used() -> None:
     broker = fake_broker(ns, manage=False)
     await broker.connect()
     try:
+        before = set(ns.topics["amb-test"].subscriptions)
+        await broker.keep_dead_letters("jobs.dlq")  # nothing made, nothing assumed
         got, _ = await _collect(broker, "jobs", group="workers")
         await broker.publish("jobs", b"1", {})
         await _until(lambda: len(got) == 1)
+        assert set(ns.topics["amb-test"].subscriptions) == before
+        assert [d async for d in broker.dead_letters("jobs.dlq")] == []
         with pytest.raises(AmbError, match="does not exist; with manage=False create it"):
             await broker.subscribe("other", lambda d: asyncio.sleep(0), group="workers")
         with pytest.raises(AmbError, match="manage=False"):

@@ -532,8 +532,9 @@ class AzureServiceBusBroker(Broker):
         whether or not anyone subscribes (the bus's reply inboxes are never kept)."""
         if topic.startswith(INBOX_PREFIX) or topic in self._kept:
             return
-        if self.manage:
-            await self.ensure_subscription(keeper_subscription_name(topic), topic, own=False)
+        if not self.manage:
+            return  # an operator's keeper (if any) is what dead_letters() reads
+        await self.ensure_subscription(keeper_subscription_name(topic), topic, own=False)
         self._kept.add(topic)
 
     async def dead_letters(self, topic: str) -> AsyncIterator[Delivery]:
