@@ -34,7 +34,7 @@ from amb_core.adapters import AzureServiceBusBroker, broker_from_url
 from amb_core.adapters.azure import group_subscription_name, keeper_subscription_name, sql_filter
 from amb_core.adapters.azure.rules import exact_by_rule, like_pattern, valid_name
 from amb_core.broker import Delivery
-from amb_core.errors import AmbError, BrokerConnectionError, NotConnected
+from amb_core.errors import AmbError, BrokerConnectionError, MissingDependency, NotConnected
 from amb_core.topics import matches
 
 SECRET = "not-a-real-key="
@@ -177,6 +177,11 @@ def test_sign_in_options_and_urls() -> None:
         AzureServiceBusBroker(fully_qualified_namespace="ns.servicebus.windows.net")
     with pytest.raises(ValueError):
         AzureServiceBusBroker()
+    try:
+        import azure.identity  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependency, match="pip install azure-identity"):
+            broker_from_url("azuresb://ns.servicebus.windows.net/agents")
     credential = object()
     by_identity = AzureServiceBusBroker(fully_qualified_namespace="ns.servicebus.windows.net",
                                         credential=credential, topic_name="agents")

@@ -53,7 +53,7 @@ from amb_core.broker import (
     Delivery,
     DeliveryHandler,
 )
-from amb_core.errors import AmbError, BrokerConnectionError, NotConnected
+from amb_core.errors import AmbError, BrokerConnectionError, MissingDependency, NotConnected
 from amb_core.runtime import ErrorMap, ReconnectPolicy
 from amb_core.topics import is_wildcard, validate_pattern
 
@@ -251,7 +251,12 @@ class AzureServiceBusBroker(Broker):
             if emulator:
                 connection += ";UseDevelopmentEmulator=true"
             return cls(connection_string=connection, topic_name=topic, **options)
-        identity = require("azure.identity.aio", "azure")
+        try:
+            import azure.identity.aio as identity
+        except ImportError as exc:
+            raise MissingDependency(
+                "azuresb:// without a key signs in with azure-identity's DefaultAzureCredential; "
+                "run: pip install azure-identity (or put the key in the URL)") from exc
         return cls(fully_qualified_namespace=host, credential=identity.DefaultAzureCredential(),
                    topic_name=topic, **options)
 
