@@ -291,11 +291,14 @@ class Subscription(BrokerSubscription):
         results = await asyncio.gather(*(receiver.renew_message_lock(message)
                                          for receiver, message in keys),
                                        return_exceptions=True)
-        for key, result in zip(keys, results, strict=False):
-            if isinstance(result, BaseException):
-                # The lock is gone (the service redelivers the message): stop holding it.
-                self.leases.release(key)
-                logger.warning("renewing a lock on %r failed: %r", self, result)
+        failed = [(key, result) for key, result in zip(keys, results, strict=False)
+                  if isinstance(result, BaseException)]
+        for key, _ in failed:
+            # The lock is gone (the service redelivers the message): stop holding it.
+            self.leases.release(key)
+        if failed:
+            logger.warning("renewing %d of %d lock(s) on %r failed (%r); those messages come "
+                           "back from the service", len(failed), len(keys), self, failed[0][1])
 
     # --- closing -----------------------------------------------------------------------------
 
