@@ -14,7 +14,7 @@ PACKAGE = SRC / "amb_core"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("amb_core._version", "amb_core._optional", "amb_core.errors", "amb_core.message",
               "amb_core.topics", "amb_core.retry", "amb_core.envelope",
-              "amb_core.deadletters", "amb_core.routing")),
+              "amb_core.deadletters", "amb_core.routing", "amb_core.conversation")),
     ("contract", ("amb_core.broker", "amb_core.hooks")),
     ("runtime", ("amb_core.runtime",)),
     ("adapters", ("amb_core.adapters", "amb_core.observability")),
