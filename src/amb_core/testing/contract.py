@@ -824,8 +824,9 @@ class BrokerContract:
         letters = await self._wait_for_letters(bus, dlq, 2)
         # listed in the order they died; with retry jitter "b" may die before "a"
         assert sorted(letter.message.payload for letter in letters) == ["a", "b"]
-        times = [letter.dead_lettered_at or 0.0 for letter in letters]
-        assert times == sorted(times), "dead letters not listed oldest first"
+        if caps.ordering:
+            times = [letter.dead_lettered_at or 0.0 for letter in letters]
+            assert times == sorted(times), "dead letters not listed oldest first"
         for letter in letters:
             assert letter.original_topic == topic
             assert letter.error_type == "ValueError"
