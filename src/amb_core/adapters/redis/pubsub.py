@@ -18,6 +18,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from amb_core.adapters.redis.cluster import open_node
 from amb_core.adapters.redis.connection import connect, connection_errors, make
 from amb_core.adapters.redis.protocol import glob
 from amb_core.broker import BrokerSubscription, Delivery, DeliveryHandler
@@ -85,8 +86,12 @@ class PubSub:
         return self.supervisor
 
     async def _open(self) -> None:
-        conn = self.conn = make(self.broker.pools.reader)
-        await connect(conn)
+        topology = self.broker.topology
+        if topology is None:
+            conn = self.conn = make(self.broker.pools.reader)
+            await connect(conn)
+        else:  # Redis Cluster: any node (PUBLISH is broadcast to all), another on each reopen
+            conn = self.conn = await open_node(topology, topology.any_node())
         # Subscribe everything this broker's subscriptions need, in one go.
         if self.exact:
             await conn.send_command("SUBSCRIBE", *self.exact)
