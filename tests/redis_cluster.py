@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -158,6 +159,12 @@ class RedisCluster:
             self._wait_port(port)
         self.wait_ok()
 
+    def revive(self, port: int) -> None:
+        """Start a killed node again on its port and directory: it rejoins the cluster (as a
+        replica of whoever took over its slots)."""
+        self._start_node(port)
+        self._wait_port(port)
+
     def alive(self, port: int) -> bool:
         process = self.processes.get(port)
         return process is not None and process.poll() is None
@@ -179,6 +186,22 @@ class RedisCluster:
             break
         raise RuntimeError(f"no master serves slot {slot}")
 
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master on ``master``."""
+        lines = [line.split() for line in self.cli_call(master, "CLUSTER", "NODES").splitlines()]
+        master_id = next(f[0] for f in lines if "myself" in f[2])
+        for fields in lines:
+            if "slave" in fields[2] and fields[3] == master_id:
+                return int(fields[1].split(":")[1].split("@")[0])
+        raise RuntimeError(f"the master on {master} has no replica")
+
+    def freeze(self, port: int) -> None:
+        """SIGSTOP a node: it stops reading its replication stream (replication lag)."""
+        self.processes[port].send_signal(signal.SIGSTOP)
+
+    def thaw(self, port: int) -> None:
+        self.processes[port].send_signal(signal.SIGCONT)
+
     def kill(self, port: int) -> None:
         """SIGKILL a node: no goodbye, the others notice after node-timeout."""
         process = self.processes.pop(port)
@@ -188,6 +211,7 @@ class RedisCluster:
     def cleanup(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
                 process.kill()
         for process in self.processes.values():
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -9,10 +9,10 @@ single node none of this runs, so the single-node paths stay as they were.
 - :class:`ClusterWriter`: the pipelined :class:`~.writer.Writer`, one connection per master:
   each batch is split by the node serving each command's key (the stream key of a publish
   script, the stream of an ``XACK``, the channel of a reply-inbox ``PUBLISH``), the parts are
-  written concurrently, and commands answered ``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN``
-  are resent after a refresh (bounded by the connect timeout). A node that cannot be reached
-  fails its part at once with :class:`BrokerConnectionError` (the caller's retry decides), as
-  on a single node.
+  written concurrently, and commands answered ``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN``/
+  ``READONLY`` are resent after a refresh (bounded by the connect timeout). A node that
+  cannot be reached fails its part at once with :class:`BrokerConnectionError` (the caller's
+  retry decides), as on a single node.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class ClusterWriter(Writer):
         self.conns: dict[tuple[str, int], AbstractConnection] = {}
         exceptions = require("redis.exceptions", "redis")
         self.redirects = (exceptions.AskError, exceptions.TryAgainError,
-                          exceptions.ClusterDownError)
+                          exceptions.ClusterDownError, exceptions.ReadOnlyError)
 
     async def close(self) -> None:
         await super().close()
