@@ -242,3 +242,48 @@ async def test_durable_publish_on_a_single_node_without_replica_fails(
             await broker.publish("rc.durable", b"x", {})
     finally:
         await broker.close()
+
+
+async def test_reply_inboxes_are_sharded_channels(cluster: RedisCluster) -> None:
+    """Requests work across nodes, and the replies travel by SPUBLISH to an SSUBSCRIBEd
+    inbox on the inbox's shard (not broadcast to every node)."""
+    from redis.asyncio import Redis
+
+    from amb_core import AgentMessageBus, Message
+    from amb_core.broker import INBOX_PREFIX
+
+    server = AgentMessageBus(broker=RedisBroker(cluster.url_of(cluster.ports[1])))
+    client = AgentMessageBus(broker=RedisBroker(cluster.url_of(cluster.ports[2])))
+    await server.connect()
+    await client.connect()
+    try:
+        async def answer(message: Message) -> int:
+            return int(message.payload) * 2
+
+        await server.subscribe("rc.rpc", answer)
+        for i in range(20):
+            reply = await client.request(Message(topic="rc.rpc", payload=i), timeout=5)
+            assert reply.payload == i * 2
+        broker = client.broker
+        assert isinstance(broker, RedisBroker) and broker.pubsub is not None
+        (inbox,) = broker.pubsub.sharded
+        assert inbox.startswith(INBOX_PREFIX.encode())
+        node = Redis(host="127.0.0.1", port=cluster.master_of(inbox.decode()))
+        try:
+            assert inbox in await node.execute_command("PUBSUB", "SHARDCHANNELS")
+            assert inbox not in await node.execute_command("PUBSUB", "CHANNELS")
+        finally:
+            await node.aclose()
+    finally:
+        await client.close()
+        await server.close()
+
+
+def test_command_key_is_what_each_writer_command_routes_by() -> None:
+    from amb_core.adapters.redis.protocol import command_key, pack, publish_head
+
+    for key in (b"k", b"ct.x.\xc3\xa9", b"a" * 300, b"{tag}.x"):
+        prefix, tail = publish_head(b"chan", key, 100, False, script=True)
+        assert command_key(prefix + b"$4\r\nbody\r\n" + tail) == key
+        assert command_key(pack(b"XACK", key, b"g", b"1-0", b"2-0")) == key
+        assert command_key(pack(b"SPUBLISH", key, b"body")) == key

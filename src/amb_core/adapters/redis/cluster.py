@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from amb_core.adapters._client import require
 from amb_core.adapters.redis import _fast
 from amb_core.adapters.redis.connection import ERRORS, Pools, connect, connection_errors, make
-from amb_core.adapters.redis.protocol import PUBLISH_SCRIPT, command_key
+from amb_core.adapters.redis.protocol import PUBLISH_SCRIPT, bulk, command_key
 from amb_core.adapters.redis.writer import (
     Entry,
     Writer,
@@ -34,6 +34,7 @@ from amb_core.adapters.redis.writer import (
     open_writer,
     settle_short,
 )
+from amb_core.broker import INBOX_PREFIX
 from amb_core.errors import BrokerConnectionError
 
 if TYPE_CHECKING:
@@ -120,6 +121,14 @@ class ClusterWriter(Writer):
         self.redirects = (exceptions.AskError, exceptions.TryAgainError,
                           exceptions.ClusterDownError, exceptions.ReadOnlyError)
 
+    def head(self, topic: str) -> tuple[bytes, bytes]:
+        """Reply inboxes are sharded channels on a cluster (``SPUBLISH``, see :mod:`.pubsub`);
+        everything else as on a single node."""
+        if topic.startswith(INBOX_PREFIX) and topic not in self.heads:
+            self.has_stream[topic] = False
+            self.heads[topic] = (b"*3\r\n$8\r\nSPUBLISH\r\n" + bulk(topic.encode()), b"")
+        return super().head(topic)
+
     async def close(self) -> None:
         await super().close()
         conns, self.conns = self.conns, {}
@@ -182,10 +191,13 @@ class ClusterWriter(Writer):
             self.conns.pop(address, None)
             if conn is not None:
                 await conn.disconnect(nowait=True)
-            dropped = sum(1 for _, future, _ in batch if future is None)
-            if dropped:
+            acks = sum(1 for packed, _, _ in batch if b"XACK" in packed[:16])
+            dropped = sum(1 for _, future, _ in batch if future is None) - acks
+            self.dropped -= acks  # an XACK lost is a redelivery, not a dropped publish
+            if dropped or acks:
                 logger.warning("Redis Cluster node %s:%d lost (%s); %d unconfirmed pub/sub "
-                               "publish(es) dropped", *address, exc, dropped)
+                               "publish(es) dropped, %d acknowledgement(s) not sent (their "
+                               "messages will be redelivered)", *address, exc, dropped, acks)
             self._fail(batch, ERRORS.translate(
                 exc, f"publishing to the Redis Cluster node {address[0]}:{address[1]}"))
             asyncio.get_running_loop().create_task(self.topology.refresh())
