@@ -287,3 +287,17 @@ def test_command_key_is_what_each_writer_command_routes_by() -> None:
         assert command_key(prefix + b"$4\r\nbody\r\n" + tail) == key
         assert command_key(pack(b"XACK", key, b"g", b"1-0", b"2-0")) == key
         assert command_key(pack(b"SPUBLISH", key, b"body")) == key
+
+
+def test_missing_binaries_skip_locally_and_fail_when_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import redis_cluster
+
+    monkeypatch.setattr(redis_cluster.shutil, "which", lambda name: None)
+    monkeypatch.delenv("AMB_REQUIRE_BROKERS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server and redis-cli"):
+        redis_cluster.RedisCluster()
+    monkeypatch.setenv("AMB_REQUIRE_BROKERS", "redis,redis-cluster")
+    with pytest.raises(pytest.fail.Exception, match="requires redis-cluster"):
+        redis_cluster.RedisCluster()
