@@ -214,7 +214,7 @@ async def amb_streams(url: str, n: int, *, concurrent: bool, topics: int = 1,
                 await bus.publish(Message(topic=topic, payload={"i": i}))
         await done.wait()
         rate = n / (time.perf_counter() - started)
-        await broker.delete_stream(topic)
+    await delete_keys(url, [topic])
     return rate
 
 
@@ -243,9 +243,28 @@ async def amb_streams_spread(url: str, n: int, topics: int, **options: int) -> f
                                    for i in range(first, min(first + BATCH, n))))
         await done.wait()
         rate = n / (time.perf_counter() - started)
-        for name in names:
-            await broker.delete_stream(name)
+    await delete_keys(url, names)
     return rate
+
+
+async def delete_keys(url: str, keys: list[str]) -> None:
+    """Delete the benchmark's streams once its bus is closed (on a cluster, on their nodes)."""
+    client = redis.Redis.from_url(url)
+    try:
+        clustered = bool((await client.info("cluster")).get("cluster_enabled"))
+        if not clustered:
+            await client.delete(*keys)
+            return
+    finally:
+        await client.aclose()
+    from redis.asyncio.cluster import RedisCluster
+
+    cluster = RedisCluster.from_url(url)
+    try:
+        for key in keys:
+            await cluster.delete(key)
+    finally:
+        await cluster.aclose()
 
 
 async def amb_request_reply(url: str, n: int, in_flight: int) -> float:
