@@ -85,6 +85,17 @@ class TestRedisClusterContract(BrokerContract):
         return (lambda: RedisBroker(restart_cluster.url, claim_idle=1.0), restart)
 
 
+class TestRedisClusterContractPublicReplies(TestRedisClusterContract):
+    """The suite again on the cluster with the fast path off (the per-node writer reading
+    replies with redis-py's public read_response())."""
+
+    @pytest.fixture
+    def broker_factory(self, cluster: RedisCluster) -> Callable[[], RedisBroker]:
+        urls = iter([cluster.url_of(p) for p in cluster.ports] * 1000)
+        return lambda: RedisBroker(next(urls), claim_idle=1.0, stream_topics=["ct.>"],
+                                   fast_path=False)
+
+
 # --- cluster-specific cases ----------------------------------------------------------------
 
 
