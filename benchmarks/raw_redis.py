@@ -13,6 +13,11 @@ loop on pub/sub, concurrent publishes on streams (each confirmed), ``bus.request
 
     python benchmarks/raw_redis.py [--url redis://127.0.0.1:6379/0] [-n 50000] [--rr 5000]
 
+With ``--cluster`` it then starts a Redis Cluster on loopback (3 masters with one replica each,
+tests/redis_cluster.py; run from the repository root with it on PYTHONPATH) and runs the amb
+rows again on the single node and on the cluster, side by side (plus streams over 12 topics,
+which spread over the masters, and ``durable_replicas=1`` on the cluster).
+
 Loopback only; everything it creates is under a random ``bench.<hex>`` prefix and deleted after.
 """
 
@@ -179,12 +184,15 @@ async def amb_pubsub(url: str, n: int) -> float:
         return n / (time.perf_counter() - started)
 
 
-async def amb_streams(url: str, n: int, *, concurrent: bool) -> float:
+async def amb_streams(url: str, n: int, *, concurrent: bool, topics: int = 1,
+                      **options: int) -> float:
     from amb_core import AgentMessageBus, Message
     from amb_core.adapters import RedisBroker
 
+    if topics > 1:
+        return await amb_streams_spread(url, n, topics, **options)
     topic = f"bench.{uuid.uuid4().hex[:8]}.stream"
-    broker = RedisBroker(url, stream_maxlen=100_000)
+    broker = RedisBroker(url, stream_maxlen=100_000, **options)  # type: ignore[arg-type]
     async with AgentMessageBus(broker=broker) as bus:
         done = asyncio.Event()
         seen = 0
@@ -206,10 +214,57 @@ async def amb_streams(url: str, n: int, *, concurrent: bool) -> float:
                 await bus.publish(Message(topic=topic, payload={"i": i}))
         await done.wait()
         rate = n / (time.perf_counter() - started)
-    cleanup = redis.Redis.from_url(url)
-    await cleanup.delete(topic)
-    await cleanup.aclose()
+    await delete_keys(url, [topic])
     return rate
+
+
+async def amb_streams_spread(url: str, n: int, topics: int, **options: int) -> float:
+    """Concurrent confirmed publishes round-robin over ``topics`` topics, one group each."""
+    from amb_core import AgentMessageBus, Message
+    from amb_core.adapters import RedisBroker
+
+    names = [f"bench.{uuid.uuid4().hex[:8]}.stream{t}" for t in range(topics)]
+    broker = RedisBroker(url, stream_maxlen=100_000, **options)  # type: ignore[arg-type]
+    async with AgentMessageBus(broker=broker) as bus:
+        done = asyncio.Event()
+        seen = 0
+
+        async def handle(msg: Message) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == n:
+                done.set()
+
+        for name in names:
+            await bus.subscribe(name, handle, consumer_group="bench")
+        started = time.perf_counter()
+        for first in range(0, n, BATCH):
+            await asyncio.gather(*(bus.publish(Message(topic=names[i % topics], payload={"i": i}))
+                                   for i in range(first, min(first + BATCH, n))))
+        await done.wait()
+        rate = n / (time.perf_counter() - started)
+    await delete_keys(url, names)
+    return rate
+
+
+async def delete_keys(url: str, keys: list[str]) -> None:
+    """Delete the benchmark's streams once its bus is closed (on a cluster, on their nodes)."""
+    client = redis.Redis.from_url(url)
+    try:
+        clustered = bool((await client.info("cluster")).get("cluster_enabled"))
+        if not clustered:
+            await client.delete(*keys)
+            return
+    finally:
+        await client.aclose()
+    from redis.asyncio.cluster import RedisCluster
+
+    cluster = RedisCluster.from_url(url)
+    try:
+        for key in keys:
+            await cluster.delete(key)
+    finally:
+        await cluster.aclose()
 
 
 async def amb_request_reply(url: str, n: int, in_flight: int) -> float:
@@ -240,6 +295,8 @@ async def main() -> None:
     parser.add_argument("-n", type=int, default=50_000, help="messages per throughput run")
     parser.add_argument("--rr", type=int, default=5_000, help="round trips per request run")
     parser.add_argument("--raw-only", action="store_true")
+    parser.add_argument("--cluster", action="store_true",
+                        help="then amb on a loopback Redis Cluster next to the single node")
     args = parser.parse_args()
     n, rr = min(args.n, 1_000_000), min(args.rr, 200_000)
 
@@ -265,6 +322,34 @@ async def main() -> None:
     for path, client, run in rows:
         rate = await run()
         print(f"{path:<22} {client:<38} {rate:>10,.0f}", flush=True)
+    if args.cluster:
+        await cluster_rows(args.url, n, rr)
+
+
+async def cluster_rows(single: str, n: int, rr: int) -> None:
+    """The amb rows on the single node and on a loopback cluster, in one run."""
+    from tests.redis_cluster import RedisCluster
+
+    cluster = await asyncio.to_thread(lambda: RedisCluster(masters=3, replicas=1).start())
+    try:
+        rows: list[tuple[str, Callable[[str], Awaitable[float]], bool]] = [
+            ("pub/sub e2e, await publish loop", lambda url: amb_pubsub(url, n), True),
+            ("streams e2e, concurrent confirmed", lambda url: amb_streams(
+                url, n, concurrent=True), True),
+            ("streams e2e, 12 topics, concurrent", lambda url: amb_streams(
+                url, n, concurrent=True, topics=12), True),
+            ("streams, 12 topics, durable_replicas=1", lambda url: amb_streams(
+                url, n, concurrent=True, topics=12, durable_replicas=1), False),
+            ("request/reply, 50 in flight (rt/s)", lambda url: amb_request_reply(url, rr, 50),
+             True),
+        ]
+        print(f"\n{'amb (msg/s)':<40} {'single node':>12} {'cluster 3+3':>12}")
+        for name, run, on_single in rows:
+            alone = f"{await run(single):,.0f}" if on_single else "-"
+            together = f"{await run(cluster.url):,.0f}"
+            print(f"{name:<40} {alone:>12} {together:>12}", flush=True)
+    finally:
+        cluster.cleanup()
 
 
 if __name__ == "__main__":

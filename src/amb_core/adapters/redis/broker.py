@@ -16,6 +16,7 @@ from typing import Any
 
 from amb_core.adapters._client import require
 from amb_core.adapters.redis import _fast
+from amb_core.adapters.redis.cluster import ClusterWriter, Topology, is_cluster
 from amb_core.adapters.redis.connection import ERRORS, Pools, connection_errors, make
 from amb_core.adapters.redis.groups import GroupMember
 from amb_core.adapters.redis.protocol import entry_body, glob, stream_id_key
@@ -45,13 +46,13 @@ KEPT_REGISTRY = "amb:dead-letter-topics"
 """A Redis set (under ``stream_prefix``) of the topics kept as dead-letter destinations, so a
 broker in another process that creates a group on one later starts it at the oldest letter."""
 
-# KEYS[1] the stream, KEYS[2] the registry; ARGV[1] the topic. An empty stream is made (an
-# entry added and trimmed at once) so that every publisher's script appends to it from now on.
+# KEYS[1] the stream. An empty stream is made (an entry added and trimmed at once) so that
+# every publisher's script appends to it from now on.
 _KEEP_SCRIPT = """\
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'amb', 'keep')
 end
-return redis.call('SADD', KEYS[2], ARGV[1])
+return 1
 """
 
 _PAGE = 1000
@@ -70,6 +71,14 @@ class RedisBroker(Broker):
     and a PING watchdog instead). ``reconnect`` is the backoff of the pub/sub connection and
     the group readers; ``connect_timeout``, when given, overrides its ``connect_timeout``.
     ``fast_path=False`` reads replies with redis-py's public API only (see :mod:`._fast`).
+
+    ``cluster``: ``None`` (default) asks the URL's node at connect (``INFO cluster``) and
+    speaks Redis Cluster when it is one (any node's URL works); ``True`` insists (connect fails
+    on a single node), ``False`` never (a cluster then answers ``MOVED``). :attr:`clustered`
+    says what was chosen. ``durable_replicas=N`` makes a confirmed publish wait (``WAIT N``,
+    at most ``durable_timeout`` s) until N replicas have it, and fail with
+    :class:`BrokerConnectionError` when fewer did; 0 (default) confirms once the master has it,
+    which a failover can lose (docs/redis.md, "Redis Cluster").
     """
 
     capabilities = Capabilities(
@@ -103,11 +112,16 @@ class RedisBroker(Broker):
         batch_size: int = 256,
         health_interval: float = 30.0,
         fast_path: bool = True,
+        cluster: bool | None = None,
+        durable_replicas: int = 0,
+        durable_timeout: float = 1.0,
     ) -> None:
         if stream_maxlen < 0:
             raise ValueError("stream_maxlen must be 0 (no cap) or positive")
         if claim_idle <= 0 or block_timeout <= 0 or buffer_size < 1 or batch_size < 1:
             raise ValueError("claim_idle, block_timeout, buffer_size, batch_size must be > 0")
+        if durable_replicas < 0 or durable_timeout <= 0:
+            raise ValueError("durable_replicas must be >= 0 and durable_timeout > 0")
         policy = reconnect or ReconnectPolicy()
         if connect_timeout is not None:
             policy = dataclasses.replace(policy, connect_timeout=connect_timeout)
@@ -127,6 +141,12 @@ class RedisBroker(Broker):
         self.batch_size = batch_size
         self.health_interval = health_interval
         self.fast_path = fast_path
+        self.cluster = cluster
+        self.durable_replicas = durable_replicas
+        self.durable_timeout = durable_timeout
+        self.clustered = False
+        """Whether the last connect chose Redis Cluster mode."""
+        self.topology: Topology | None = None
         self.reply_reader = "none"
         """Which reply reader the publishing connection uses: "bulk" or "public"."""
         self.connection_errors: tuple[type[BaseException], ...] = ()
@@ -160,6 +180,11 @@ class RedisBroker(Broker):
         conn = make(self.pools.writer)
         try:
             await asyncio.wait_for(open_writer(conn), self.connect_timeout)
+            clustered = self.cluster
+            if clustered is None:
+                clustered = await asyncio.wait_for(is_cluster(conn), self.connect_timeout)
+            if clustered:
+                await asyncio.wait_for(self.pools.use_cluster(), self.connect_timeout * 2)
         except BaseException as exc:
             await conn.disconnect(nowait=True)
             await self.pools.close()
@@ -168,7 +193,14 @@ class RedisBroker(Broker):
                 raise
             raise BrokerConnectionError(
                 f"cannot connect to Redis at {self.masked_url}: {exc}") from exc
-        self.writer = Writer(self, conn, read_replies)
+        self.clustered = bool(clustered)
+        if clustered:
+            await conn.disconnect(nowait=True)
+            self.topology = Topology(self.pools)
+            self.writer = ClusterWriter(self, self.topology, read_replies)
+        else:
+            self.topology = None
+            self.writer = Writer(self, conn, read_replies)
         self.pubsub = PubSub(self)
 
     async def close(self) -> None:
@@ -343,8 +375,9 @@ class RedisBroker(Broker):
         if topic not in self._kept:
             self._kept.add(topic)
             writer.forget(topic)
-        await self._command("EVAL", _KEEP_SCRIPT, 2, self.stream_key(topic),
-                            self.stream_prefix + KEPT_REGISTRY, topic)
+        # Two commands, not one script: on a Redis Cluster the two keys live on two nodes.
+        await self._command("EVAL", _KEEP_SCRIPT, 1, self.stream_key(topic))
+        await self._command("SADD", self.stream_prefix + KEPT_REGISTRY, topic)
 
     async def dead_letters(self, topic: str) -> AsyncIterator[Delivery]:
         """XRANGE of ``topic``'s stream, oldest first; ``position`` is the entry id."""

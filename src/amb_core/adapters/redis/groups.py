@@ -22,6 +22,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from amb_core.adapters._client import require
+from amb_core.adapters.redis.cluster import open_node
 from amb_core.adapters.redis.connection import connect, make
 from amb_core.adapters.redis.protocol import entry_body, stream_id_key
 from amb_core.broker import BrokerSubscription, Delivery, DeliveryHandler
@@ -62,6 +63,7 @@ class GroupMember(BrokerSubscription):
         self.handler = handler
         self.count = max(prefetch, broker.batch_size)
         self.closing = False
+        self.opened = False
         self.conn: AbstractConnection | None = None
         self.leases: LeaseKeeper[bytes] = LeaseKeeper(
             self._renew, renew_after=broker.claim_idle / 2,
@@ -83,8 +85,17 @@ class GroupMember(BrokerSubscription):
     # --- the connection --------------------------------------------------------------------
 
     async def _open(self) -> None:
-        conn = self.conn = make(self.broker.pools.reader)
-        await connect(conn)
+        topology = self.broker.topology
+        if topology is None:
+            conn = self.conn = make(self.broker.pools.reader)
+            await connect(conn)
+            return
+        # Redis Cluster: the node serving the stream's slot, as known after a refresh when
+        # this is a reconnect (the node died or answered MOVED).
+        if self.opened:
+            await topology.refresh()
+        self.opened = True
+        self.conn = await open_node(topology, topology.node_of(self.key))
 
     async def _discard(self) -> None:
         conn, self.conn = self.conn, None

@@ -74,3 +74,31 @@ def stream_id_key(entry_id: bytes) -> tuple[int, int]:
     """A stream id as a sortable pair (``b"1700000000000-3"`` -> ``(1700000000000, 3)``)."""
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def _arguments(packed: bytes, count: int) -> list[bytes]:
+    """The first ``count`` bulk strings of a packed command."""
+    args: list[bytes] = []
+    pos = packed.index(b"\r\n") + 2
+    while len(args) < count:
+        end = packed.index(b"\r\n", pos)
+        start = end + 2
+        size = int(packed[pos + 1:end])
+        args.append(packed[start:start + size])
+        pos = start + size + 2
+    return args
+
+
+def command_key(packed: bytes) -> bytes:
+    """What a packed command of the writer routes by on a Redis Cluster: the first key of an
+    ``EVALSHA``/``EVAL``, else the first argument (``XACK``'s stream, ``PUBLISH``'s channel)."""
+    name, first = _arguments(packed, 2)
+    if name in (b"EVALSHA", b"EVAL"):
+        return _arguments(packed, 4)[3]
+    return first
+
+
+def wait_command(replicas: int, timeout: float) -> bytes:
+    """``WAIT replicas timeout-ms``: block until the connection's earlier writes reached
+    ``replicas`` replicas (or the timeout); the reply is how many did."""
+    return pack(b"WAIT", str(replicas).encode(), str(max(int(timeout * 1000), 1)).encode())

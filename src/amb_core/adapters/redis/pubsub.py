@@ -7,6 +7,13 @@ glob ``*`` crosses dots, amb's ``*`` does not). Each subscription has its own
 slow-consumer report. The connection is kept up by a :class:`~amb_core.runtime.Supervisor`,
 opened on the first plain subscription (:class:`~amb_core.runtime.OnDemand`); every (re)open
 subscribes everything at once.
+
+On a Redis Cluster the connection goes to any node (``PUBLISH`` is broadcast to all of them,
+so ``SUBSCRIBE`` and ``PSUBSCRIBE`` see every publish), except for reply inboxes: only their
+own bus reads them and no pattern is meant to match them, so they are sharded channels
+(``SSUBSCRIBE`` on a connection of their own to the channel's shard, one
+:class:`ShardedChannel` each, answered with ``SPUBLISH`` by :class:`~.cluster.ClusterWriter`):
+a reply crosses only its shard, not the whole cluster.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from amb_core.adapters.redis.cluster import open_node
 from amb_core.adapters.redis.connection import connect, connection_errors, make
 from amb_core.adapters.redis.protocol import glob
-from amb_core.broker import BrokerSubscription, Delivery, DeliveryHandler
+from amb_core.broker import INBOX_PREFIX, BrokerSubscription, Delivery, DeliveryHandler
 from amb_core.errors import BrokerConnectionError
 from amb_core.runtime import OnDemand, Pump, Supervisor
 from amb_core.topics import is_wildcard, matches
@@ -68,6 +76,7 @@ class PubSub:
         self.globs: dict[bytes, list[PlainSubscription]] = {}
         self.confirm: dict[tuple[bytes, bytes], asyncio.Future[None]] = {}
         self.topics: dict[bytes, str] = {}
+        self.sharded: dict[bytes, ShardedChannel] = {}
         self.conn: AbstractConnection | None = None
         self.last_read = 0.0
         self.supervisor = Supervisor(
@@ -85,8 +94,12 @@ class PubSub:
         return self.supervisor
 
     async def _open(self) -> None:
-        conn = self.conn = make(self.broker.pools.reader)
-        await connect(conn)
+        topology = self.broker.topology
+        if topology is None:
+            conn = self.conn = make(self.broker.pools.reader)
+            await connect(conn)
+        else:  # Redis Cluster: any node (PUBLISH is broadcast to all), another on each reopen
+            conn = self.conn = await open_node(topology, topology.any_node())
         # Subscribe everything this broker's subscriptions need, in one go.
         if self.exact:
             await conn.send_command("SUBSCRIBE", *self.exact)
@@ -167,6 +180,9 @@ class PubSub:
     async def add(self, pattern: str, handler: DeliveryHandler) -> PlainSubscription:
         broker = self.broker
         sub = PlainSubscription(self, pattern, handler)
+        if broker.topology is not None and pattern.startswith(INBOX_PREFIX):
+            await self._add_sharded(sub)
+            return sub
         table = self.globs if sub.wildcard else self.exact
         confirm_key = (b"p" if sub.wildcard else b"", sub.key)
         subs = table.get(sub.key)
@@ -201,7 +217,28 @@ class PubSub:
             raise
         return sub
 
+    async def _add_sharded(self, sub: PlainSubscription) -> None:
+        channel = self.sharded.get(sub.key)
+        try:
+            if channel is None:
+                channel = self.sharded[sub.key] = ShardedChannel(self, sub.key, sub.pattern)
+                channel.subs.append(sub)
+                await channel.start()
+            else:
+                channel.subs.append(sub)
+        except BaseException:
+            await sub.close()
+            raise
+
     async def remove(self, sub: PlainSubscription) -> None:
+        channel = self.sharded.get(sub.key) if not sub.wildcard else None
+        if channel is not None:
+            if sub in channel.subs:
+                channel.subs.remove(sub)
+            if not channel.subs:
+                del self.sharded[sub.key]
+                await channel.close()
+            return
         table = self.globs if sub.wildcard else self.exact
         subs = table.get(sub.key)
         if subs is None or sub not in subs:
@@ -225,8 +262,81 @@ class PubSub:
                 await self._watchdog
         subs = [sub for table in (self.exact, self.globs) for group in table.values()
                 for sub in group]
+        channels = list(self.sharded.values())
+        self.sharded.clear()
+        for channel in channels:
+            subs += channel.subs
+            await channel.close()
         self.exact.clear()
         self.globs.clear()
         for sub in subs:
             await sub.pump.close()
+        await self._discard()
+
+
+class ShardedChannel:
+    """One sharded channel on a Redis Cluster (a reply inbox): ``SSUBSCRIBE`` on a connection
+    to the master of the channel's slot, kept up by its own supervisor (a failover or a moved
+    slot reconnects to the slot's new master after a refresh of the slot table)."""
+
+    def __init__(self, pubsub: PubSub, channel: bytes, topic: str) -> None:
+        broker = pubsub.broker
+        self.broker = broker
+        self.channel = channel
+        self.topic = topic
+        self.subs: list[PlainSubscription] = []
+        self.conn: AbstractConnection | None = None
+        self.opened = False
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.supervisor = Supervisor(
+            f"Redis sharded pub/sub of {topic!r} at {broker.masked_url}", open=self._open,
+            until_lost=self._read, discard=self._discard, policy=broker.reconnect,
+            errors=(Exception,),
+        )
+
+    async def start(self) -> None:
+        broker = self.broker
+        await self.supervisor.start()
+        await self.supervisor.wait_ready(broker.connect_timeout * 2)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.confirmed), broker.connect_timeout * 2)
+        except asyncio.TimeoutError as exc:
+            raise BrokerConnectionError(
+                f"Redis at {broker.masked_url} did not confirm the sharded subscription to "
+                f"{self.topic!r}") from exc
+
+    async def _open(self) -> None:
+        topology = self.broker.topology
+        assert topology is not None
+        if self.opened:
+            await topology.refresh()
+        self.opened = True
+        conn = self.conn = await open_node(topology, topology.node_of(self.channel))
+        await conn.send_command("SSUBSCRIBE", self.channel)
+
+    async def _discard(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+    async def _read(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        read = conn.read_response
+        topic, subs = self.topic, self.subs
+        while True:
+            reply = await read(disable_decoding=True, timeout=math.inf)
+            kind = reply[0]
+            if kind == b"smessage":
+                body = reply[2]
+                for sub in subs:
+                    sub.offer(Delivery(topic, body, {}))
+            elif kind == b"ssubscribe":
+                if not self.confirmed.done():
+                    self.confirmed.set_result(None)
+            elif kind == b"sunsubscribe":  # the slot moved to another node: follow it
+                raise ConnectionError(f"the slot of {topic!r} moved; resubscribing")
+
+    async def close(self) -> None:
+        await self.supervisor.close()
         await self._discard()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from amb_core.adapters._client import require
 from amb_core.adapters.redis import _fast
 from amb_core.adapters.redis.connection import ERRORS, connect, connection_errors, make
-from amb_core.adapters.redis.protocol import PUBLISH_SCRIPT, pack, publish_head
+from amb_core.adapters.redis.protocol import PUBLISH_SCRIPT, pack, publish_head, wait_command
 from amb_core.broker import INBOX_PREFIX
 from amb_core.errors import BrokerConnectionError
 from amb_core.topics import matches
@@ -46,10 +46,15 @@ class Writer:
     """The publish queue and the task that writes it. :meth:`RedisBroker.publish` fills
     ``queue`` directly (no call per message); group members call :meth:`ack`."""
 
-    def __init__(self, broker: RedisBroker, conn: AbstractConnection,
+    def __init__(self, broker: RedisBroker, conn: AbstractConnection | None,
                  read_replies: _fast.ReadReplies) -> None:
         self.broker = broker
         self.conn: AbstractConnection | None = conn
+        self.wait = (wait_command(broker.durable_replicas, broker.durable_timeout)
+                     if broker.durable_replicas else None)
+        """``WAIT`` appended to every batch (``durable_replicas``), else None."""
+        self.read_timeout = broker.socket_timeout + (
+            broker.durable_timeout if broker.durable_replicas else 0.0)
         self.read_replies = read_replies
         self.queue: list[Entry] = []
         self.queued_bytes = 0
@@ -179,12 +184,21 @@ class Writer:
                 conn = make(broker.pools.writer) if conn is None else conn
                 await asyncio.wait_for(open_writer(conn), broker.connect_timeout)
                 self.conn = conn
-            await conn.send_packed_command(b"".join([entry[0] for entry in batch]),
-                                           check_health=False)
-            replies = await asyncio.wait_for(self.read_replies(conn, len(batch)),
-                                             broker.socket_timeout)
+            wait = self.wait
+            payload = b"".join([entry[0] for entry in batch])
+            if wait is not None:
+                payload += wait
+            await conn.send_packed_command(payload, check_health=False)
+            replies = await asyncio.wait_for(
+                self.read_replies(conn, len(batch) + (wait is not None)), self.read_timeout)
             retry = []
             has_stream = self.has_stream
+            if wait is not None:
+                short = durability_error(broker, replies.pop())
+                if short is not None:
+                    retry = settle_short(batch, replies, has_stream, short)
+                    replies = []  # settled
+                    batch = []
             for entry, reply in zip(batch, replies, strict=True):
                 _, future, topic = entry
                 if isinstance(reply, exceptions.ResponseError):
@@ -212,6 +226,37 @@ class Writer:
             await conn.send_command("SCRIPT", "LOAD", PUBLISH_SCRIPT)
             await conn.read_response()
             await self._send(retry)
+
+
+def durability_error(broker: RedisBroker, acknowledged: object) -> Exception | None:
+    """None when ``WAIT``'s reply says enough replicas have the batch, else the error its
+    confirmed publishes get (the caller may retry: the message may be there twice)."""
+    if isinstance(acknowledged, int) and acknowledged >= broker.durable_replicas:
+        return None
+    if isinstance(acknowledged, Exception):
+        return BrokerConnectionError(f"WAIT failed on {broker.masked_url}: {acknowledged}")
+    return BrokerConnectionError(
+        f"only {acknowledged} of {broker.durable_replicas} replica(s) acknowledged the publish "
+        f"within {broker.durable_timeout} s (durable_replicas): it is stored on the master "
+        "but a failover may lose it; retrying may store it twice")
+
+
+def settle_short(batch: list[Entry], replies: list[_fast.Reply], has_stream: dict[str, bool],
+                 short: Exception) -> list[Entry]:
+    """Settle a batch whose ``WAIT`` fell short: confirmed publishes fail with ``short`` (or
+    their own error); returns the entries to resend after loading the script."""
+    exceptions = require("redis.exceptions", "redis")
+    retry = []
+    for entry, reply in zip(batch, replies, strict=True):
+        _, future, topic = entry
+        if isinstance(reply, exceptions.NoScriptError):
+            retry.append(entry)
+            continue
+        if topic is not None and not isinstance(reply, Exception):
+            has_stream[topic] = reply == 1
+        if future is not None and not future.done():
+            future.set_exception(reply if isinstance(reply, Exception) else short)
+    return retry
 
 
 async def open_writer(conn: AbstractConnection) -> None:
