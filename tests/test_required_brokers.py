@@ -27,6 +27,7 @@ CHECKS: dict[str, Callable[[], bool]] = {
     "nats": lambda: port_open("127.0.0.1", 4222),
     "rabbitmq": lambda: port_open("127.0.0.1", 5672),
     "kafka": _tansu,
+    "redis-cluster": lambda: bool(shutil.which("redis-server") and shutil.which("redis-cli")),
 }
 
 
