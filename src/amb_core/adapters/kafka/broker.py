@@ -131,6 +131,7 @@ class KafkaBroker(Broker):
             headers=True,
             reconnect=True,
             max_payload=max_payload,
+            ordering_keys=True,  # the key is the record key: one key, one partition, one member
         )
         common: dict[str, Any] = {
             "bootstrap.servers": ",".join(servers),
