@@ -181,9 +181,26 @@ class RabbitNode(PrivateRabbit):
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self._run(f"{RABBITMQ_BIN}/rabbitmqctl", "-n", self.node, *args, timeout=timeout)
 
-    def start(self, timeout: float = 120.0) -> None:
-        super().start(timeout)
+    def launch(self) -> None:
+        """``rabbitmq-server -detached``: returns at once, the node boots in the background."""
+        result = self._run(f"{RABBITMQ_BIN}/rabbitmq-server", "-detached")
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmq-server failed: {result.stderr or result.stdout}")
         self.alive = True
+
+    def await_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:  # await_startup fails fast until the node answers: retry it
+            ready = self.ctl("await_startup", "-t", "5", timeout=30)
+            if ready.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ node {self.node} did not start: {ready.stderr}")
+            time.sleep(0.3)
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.launch()
+        self.await_ready(timeout)
 
     def kill(self) -> None:
         """SIGKILL the node's Erlang VM (a crash, not a clean stop)."""
@@ -213,6 +230,10 @@ class RabbitNode(PrivateRabbit):
             with contextlib.suppress(Exception):
                 self.ctl("stop", timeout=60)
         self.kill()
+        keep = os.environ.get("AMB_KEEP_CLUSTER_LOGS")
+        if keep:
+            shutil.copytree(os.path.join(self.dir, "log"), os.path.join(keep, self.node),
+                            dirs_exist_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -236,7 +257,9 @@ class RabbitCluster:
         for _ in range(self.size):
             node = RabbitNode()
             self.nodes.append(node)
-            node.start(max(deadline - time.monotonic(), 10))
+            node.launch()  # boot them side by side, then wait for each
+        for node in self.nodes:
+            node.await_ready(max(deadline - time.monotonic(), 10))
         seed = self.nodes[0]
         for node in self.nodes[1:]:
             node.join(seed)
@@ -247,6 +270,32 @@ class RabbitCluster:
 
     def node_of_port(self, port: int) -> RabbitNode:
         return next(n for n in self.nodes if n.port == port)
+
+    def node_named(self, name: str) -> RabbitNode:
+        return next(n for n in self.nodes if n.node == name)
+
+    def queue(self, name: str) -> dict[str, object]:
+        """``type``, ``leader``, ``members`` (node names) of queue ``name``, as a live node
+        of the cluster sees it."""
+        import json
+
+        for node in self.nodes:
+            if not node.alive:
+                continue
+            result = node.ctl("list_queues", "name", "type", "leader", "members",
+                              "--formatter", "json", "-q", timeout=30)
+            if result.returncode != 0:
+                continue
+            for row in json.loads(result.stdout or "[]"):
+                if row.get("name") == name:
+                    return dict(row)
+            return {}
+        raise RuntimeError("no live RabbitMQ node answered list_queues")
+
+    def restart(self, node: RabbitNode, timeout: float = 120.0) -> None:
+        """Kill ``node`` and start it again; it rejoins the cluster from its own data."""
+        node.kill()
+        node.start(timeout)
 
     def remove(self) -> None:
         for node in self.nodes:
