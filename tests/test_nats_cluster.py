@@ -280,3 +280,26 @@ class TestNATSClusterJetStreamContract(_ClusterContract):
 
 class TestNATSClusterCoreContract(_ClusterContract):
     jetstream = False
+
+
+async def test_three_urls_of_one_server_fall_back_to_one_replica() -> None:
+    """Three URLs, one of them a single (not clustered) server: the guess of 3 replicas is
+    refused (10074) and the stream is created with 1, with a warning."""
+    from tests.conftest import require_server
+    from tests.servers import HOST, free_port
+
+    require_server("nats", HOST, 4222)
+    live = f"nats://{HOST}:4222"
+    dead = [f"nats://{HOST}:{free_port()}", f"nats://{HOST}:{free_port()}"]
+    broker = NATSBroker(servers=[live, *dead], use_jetstream=True, dont_randomize=True)
+    await broker.connect()
+    topic = f"fallback{uuid.uuid4().hex[:8]}.x"
+    try:
+        assert broker._js is not None and broker._js.replicas() == 3
+        await broker.publish(topic, b"x", {})
+        name = broker._js.streams[topic.split(".")[0]]
+        info = await broker._js.api().stream_info(name)
+        assert info.config.num_replicas == 1
+        await broker._js.api().delete_stream(name)
+    finally:
+        await broker.close()
