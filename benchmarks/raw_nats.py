@@ -18,12 +18,17 @@ Pairs (raw | amb):
 - js-pipelined: ``js.publish_async`` -> core subscriber | 100 concurrent ``bus.publish`` loops
 - js-consumer: ``publish_async`` -> push consumer acking each | 100 publishers -> group member
 - rr-sequential / rr-<concurrency>: request/response one at a time, then in flight
+
+``--cluster``: instead, start a 3-server NATS cluster (tests/clusters.py, run from the repository
+root) and run the JetStream pairs on the ``--url`` server (1 replica) and on the cluster (3
+replicas, the adapter's default there), alternating, median of ``--runs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 import uuid
@@ -108,14 +113,15 @@ async def raw_core(url: str, count: int) -> Run:
     return clock.run(count)
 
 
-async def raw_js(url: str, count: int, mode: str) -> Run:
+async def raw_js(url: str | list[str], count: int, mode: str, replicas: int = 1) -> Run:
     """mode: await (each publish awaits its ack) | pipelined (publish_async) -> a core
     subscriber; consumer: publish_async -> a push consumer acking each message."""
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=4000)
     root = _root()
     await js.add_stream(StreamConfig(name=f"RAWBENCH_{root}", subjects=[f"{root}.>"],
-                                     storage=StorageType.FILE, max_age=600))
+                                     storage=StorageType.FILE, max_age=600,
+                                     num_replicas=replicas))
     subject = f"{root}.x"
     counter = _Counter(count)
 
@@ -178,9 +184,9 @@ async def raw_requests(url: str, count: int, concurrency: int) -> Run:
 # --- amb-core over NATS -------------------------------------------------------------------------
 
 
-async def amb_throughput(url: str, count: int, *, jetstream: bool = False,
+async def amb_throughput(url: str | list[str], count: int, *, jetstream: bool = False,
                          publishers: int = 1, group: bool = False) -> Run:
-    broker = NATSBroker(servers=[url], use_jetstream=jetstream)
+    broker = NATSBroker(servers=[url] if isinstance(url, str) else url, use_jetstream=jetstream)
     async with AgentMessageBus(broker=broker) as bus:
         counter = _Counter(count)
 
@@ -200,6 +206,7 @@ async def amb_throughput(url: str, count: int, *, jetstream: bool = False,
         await sub.unsubscribe()
         if jetstream:
             js = broker._conn().jetstream()
+            assert broker._js is not None
             await js.delete_stream(await broker._js.stream_for(topic))
     return clock.run(count)
 
@@ -259,6 +266,47 @@ def pairs(url: str, n: int, jn: int, requests: int,
     }
 
 
+async def cluster_run(url: str, jn: int, runs: int) -> None:
+    """The JetStream pairs on one server next to a 3-server cluster, in one run."""
+    import sys
+
+    sys.path.insert(0, os.getcwd())  # tests/clusters.py, from the repository root
+    from tests.clusters import NATSCluster
+
+    reason = NATSCluster.available()
+    if reason:
+        raise SystemExit(f"--cluster: {reason}")
+    cluster = NATSCluster(3)
+    try:
+        await asyncio.to_thread(cluster.start)
+        urls = cluster.urls
+        work: list[tuple[str, Callable[[str | list[str], int], Make]]] = [
+            ("raw js.publish_async -> core sub", lambda u, r: lambda: raw_js(u, jn, "pipelined",
+                                                                              r)),
+            ("raw publish_async -> push consumer",
+             lambda u, r: lambda: raw_js(u, jn, "consumer", r)),
+            (f"amb {PUBLISHERS} publishers -> sub",
+             lambda u, r: lambda: amb_throughput(u, jn, jetstream=True, publishers=PUBLISHERS)),
+            (f"amb {PUBLISHERS} publishers -> group member",
+             lambda u, r: lambda: amb_throughput(u, jn, jetstream=True, publishers=PUBLISHERS,
+                                                 group=True)),
+        ]
+        print(f"JetStream on {url} (1 replica) next to a 3-server cluster (3 replicas); "
+              f"median of {runs}")
+        print(f"{'workload':<40} {'one server /s':>14} {'3-server cluster /s':>20} {'ratio':>6}")
+        for label, make in work:
+            one, many = [], []
+            for _ in range(runs):
+                one.append(await make(url, 1)())
+                many.append(await make(urls, 3)())
+            one_rate = statistics.median(r.rate for r in one)
+            many_rate = statistics.median(r.rate for r in many)
+            print(f"{label:<40} {one_rate:>14,.0f} {many_rate:>20,.0f} "
+                  f"{many_rate / one_rate:>6.2f}", flush=True)
+    finally:
+        await asyncio.to_thread(cluster.remove)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="nats://127.0.0.1:4222")
@@ -268,8 +316,13 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", action="append", help="a pair's name; repeatable")
+    parser.add_argument("--cluster", action="store_true",
+                        help="JetStream on one server next to a 3-server cluster")
     args = parser.parse_args()
     n, jn = min(args.messages, 1_000_000), min(args.js_messages, 200_000)
+    if args.cluster:
+        await cluster_run(args.url, jn, args.runs)
+        return
     table = pairs(args.url, n, jn, min(args.requests, 100_000), args.concurrency)
     print(f"nats: {args.url}  (each side: median of {args.runs} runs, raw and amb alternating)")
     print(f"{'pair':<14} {'raw nats-py':<42} {'per s':>9} {'cpu/msg':>8}   "

@@ -16,6 +16,11 @@ under aio-pika) and amb-core's RabbitMQBroker through AgentMessageBus.
 
     python benchmarks/raw_rabbitmq.py [--url amqp://guest:guest@127.0.0.1:5672/] [-n 20000]
         [--requests 5000] [--only aio-pika,aiormq,amb] [--profile amb-throughput]
+
+``--cluster``: instead, start a 3-node RabbitMQ cluster of private nodes (tests/clusters.py;
+needs root, run from the repository root) and run amb-core's throughput (confirms on, 100 in
+flight) to a plain subscriber and to a consumer group (a quorum queue, replicated on every node)
+on the ``--url`` node and on the cluster, alternating, median of ``--runs``.
 """
 
 from __future__ import annotations
@@ -285,14 +290,15 @@ async def aiormq_requests(url: str, count: int, concurrency: int) -> Row:
 # --- amb-core ---------------------------------------------------------------------------------
 
 
-def _amb_bus(url: str, confirms: bool = True) -> Any:
+def _amb_bus(url: str | list[str], confirms: bool = True) -> Any:
     from amb_core import AgentMessageBus
     from amb_core.adapters import RabbitMQBroker
 
     return AgentMessageBus(broker=RabbitMQBroker(url=url, confirms=confirms))
 
 
-async def amb_throughput(url: str, count: int, confirms: bool, window: int) -> Row:
+async def amb_throughput(url: str | list[str], count: int, confirms: bool, window: int,
+                         group: str | None = None) -> Row:
     from amb_core import Message
 
     topic = f"bench.{uuid.uuid4().hex[:8]}"
@@ -306,7 +312,8 @@ async def amb_throughput(url: str, count: int, confirms: bool, window: int) -> R
             if received == count:
                 done.set()
 
-        await bus.subscribe(topic, count_it)
+        await bus.subscribe(topic, count_it, consumer_group=group,
+                            max_concurrency=IN_FLIGHT if group else 1)
 
         async def publish(i: int) -> None:
             await bus.publish(Message(topic=topic, payload={"i": i}))
@@ -318,7 +325,41 @@ async def amb_throughput(url: str, count: int, confirms: bool, window: int) -> R
             else:
                 await windowed(count, window, publish)
             await asyncio.wait_for(done.wait(), 120)
-    return Row("amb-core", _throughput_name(confirms, window), count, clock.wall, clock.cpu)
+        if group:
+            await bus.delete_consumer_group(topic, group)
+    name = _throughput_name(confirms, window) + (", group (quorum)" if group else "")
+    return Row("amb-core", name, count, clock.wall, clock.cpu)
+
+
+async def cluster_run(url: str, count: int, runs: int) -> None:
+    """amb-core throughput on one node next to a 3-node cluster, in one run."""
+    import sys
+
+    sys.path.insert(0, os.getcwd())  # tests/clusters.py, from the repository root
+    from tests.clusters import RabbitCluster
+
+    reason = RabbitCluster.available()
+    if reason:
+        raise SystemExit(f"--cluster: {reason}")
+    cluster = RabbitCluster(3)
+    started = time.monotonic()
+    try:
+        await asyncio.to_thread(cluster.start, 240)
+        print(f"3-node RabbitMQ cluster up in {time.monotonic() - started:.0f}s")
+        print(f"{'workload':<58} {'one node /s':>12} {'3-node cluster /s':>18} {'ratio':>6}")
+        for group in (None, "bench"):
+            single: list[Row] = []
+            clustered: list[Row] = []
+            for _ in range(runs):
+                single.append(await amb_throughput(url, count, True, IN_FLIGHT, group))
+                clustered.append(await amb_throughput(cluster.urls, count, True, IN_FLIGHT,
+                                                      group))
+            one = sorted(single, key=lambda r: r.seconds)[len(single) // 2]
+            many = sorted(clustered, key=lambda r: r.seconds)[len(clustered) // 2]
+            print(f"{one.workload:<58} {one.rate:>12,.0f} {many.rate:>18,.0f} "
+                  f"{many.rate / one.rate:>6.2f}", flush=True)
+    finally:
+        await asyncio.to_thread(cluster.remove)
 
 
 async def amb_requests(url: str, count: int, concurrency: int) -> Row:
@@ -381,9 +422,14 @@ async def main() -> None:
                         help="indexes: 0 confirms off, 1 confirms on, 2 confirms on 100 in flight, "
                              "3 request/response sequential, 4 request/response 50 in flight")
     parser.add_argument("--profile", default="", help="client-workload to profile, e.g. amb-0")
+    parser.add_argument("--cluster", action="store_true",
+                        help="amb-core on one node next to a 3-node cluster (needs root)")
     args = parser.parse_args()
     args.messages = min(args.messages, 1_000_000)
     args.requests = min(args.requests, 200_000)
+    if args.cluster:
+        await cluster_run(args.url, args.messages, args.runs)
+        return
     clients = [c for c in args.only.split(",") if c]
     rows: list[Row] = []
     wanted = {int(w) for w in args.workloads.split(",") if w}

@@ -22,12 +22,21 @@ def _tansu() -> bool:
         return False
 
 
+def _rabbitmq_nodes() -> bool:
+    """Private RabbitMQ nodes need the server's programs and root (tests/servers.py)."""
+    from tests.servers import PrivateRabbit
+
+    return PrivateRabbit.available() is None
+
+
 CHECKS: dict[str, Callable[[], bool]] = {
     "redis": lambda: port_open("127.0.0.1", 6379),
     "nats": lambda: port_open("127.0.0.1", 4222),
     "rabbitmq": lambda: port_open("127.0.0.1", 5672),
     "kafka": _tansu,
     "redis-cluster": lambda: bool(shutil.which("redis-server") and shutil.which("redis-cli")),
+    "nats-cluster": lambda: bool(shutil.which("nats-server")),
+    "rabbitmq-cluster": lambda: _rabbitmq_nodes(),
 }
 
 

@@ -178,7 +178,15 @@ class NATSBroker(Broker):
     published from its creation on; ``"all"``: everything the stream holds; a group on a
     kept dead-letter topic always starts at the oldest letter), ``pull_batch`` (messages a
     group member fetches ahead of its handlers), ``publish_timeout`` (seconds to wait for the
-    stream's ack), ``max_pending_acks``.
+    stream's ack), ``max_pending_acks``, ``replicas`` (copies of each stream the adapter
+    creates, and so of its durable consumers; None: 3 when the client knows of three or more
+    servers of a cluster, else 1, see :meth:`JetStream.replicas`), ``leader_wait`` (on a
+    cluster: seconds a publish keeps resending while its stream has no leader, e.g. during the
+    election after the leader's server died; 15 by default, NATS 2.9 elects in about 5-10).
+
+    Several servers (``servers=[...]`` or ``nats://a:4222,b:4222``): nats-py connects to one
+    of them, learns the rest of the cluster from the server, and reconnects to another when
+    its server is lost.
     """
 
     def __init__(
@@ -212,7 +220,9 @@ class NATSBroker(Broker):
         pull_batch: int = 64,
         pull_expires: float = 10.0,
         publish_timeout: float = 5.0,
+        leader_wait: float = 15.0,
         max_pending_acks: int = 0,
+        replicas: int | None = None,
         fast_path: bool = True,
         **options: Any,
     ) -> None:
@@ -224,10 +234,12 @@ class NATSBroker(Broker):
             raise ValueError("group_start must be 'new' or 'all'")
         if storage not in ("file", "memory"):
             raise ValueError("storage must be 'file' or 'memory'")
-        if ack_wait <= 0 or publish_timeout <= 0 or pull_expires <= 0:
-            raise ValueError("ack_wait, publish_timeout, pull_expires must be > 0")
+        if ack_wait <= 0 or publish_timeout <= 0 or pull_expires <= 0 or leader_wait <= 0:
+            raise ValueError("ack_wait, publish_timeout, pull_expires, leader_wait must be > 0")
         if pull_batch < 1 or max_pending_acks < 0 or max_payload <= HEADER_ALLOWANCE:
             raise ValueError("pull_batch >= 1, max_pending_acks >= 0, max_payload > 4096")
+        if replicas is not None and not 1 <= replicas <= 5:
+            raise ValueError("replicas must be between 1 and 5 (JetStream's limit), or None")
         if stream is not None and not _STREAM_NAME_OK.fullmatch(stream):
             raise ValueError(f"stream name {stream!r}: use letters, digits, '_' and '-'")
         policy = reconnect or ReconnectPolicy()
@@ -253,7 +265,9 @@ class NATSBroker(Broker):
         self.pull_batch = pull_batch
         self.pull_expires = pull_expires
         self.publish_timeout = publish_timeout
+        self.leader_wait = leader_wait
         self.max_pending_acks = max_pending_acks
+        self.replicas = replicas
         # Secrets live only here and go only to nats.connect.
         self._auth: dict[str, Any] = {
             key: value for key, value in {
@@ -313,7 +327,9 @@ class NATSBroker(Broker):
 
         Query parameters: ``jetstream``, ``stream``, ``stream_prefix``, ``storage``,
         ``stream_max_age``, ``ack_wait``, ``max_ack_pending``, ``group_start``, ``pull_batch``,
-        ``publish_timeout``, ``max_pending_acks``, ``connect_timeout``, ``reconnect_time_wait``,
+        ``publish_timeout``, ``leader_wait``, ``max_pending_acks``, ``replicas``,
+        ``connect_timeout``,
+        ``reconnect_time_wait``,
         ``name``, ``creds`` (a .creds file), ``nkey`` (a seed file), ``token``. Credentials in
         the URL's user part pass to nats-py as they are.
         """
@@ -328,8 +344,8 @@ class NATSBroker(Broker):
             servers = [base]
         kwargs: dict[str, Any] = {}
         floats = ("stream_max_age", "ack_wait", "publish_timeout", "connect_timeout",
-                  "duplicate_window", "pull_expires", "reconnect_time_wait")
-        ints = ("max_ack_pending", "pull_batch", "max_pending_acks", "max_payload")
+                  "leader_wait", "duplicate_window", "pull_expires", "reconnect_time_wait")
+        ints = ("max_ack_pending", "pull_batch", "max_pending_acks", "max_payload", "replicas")
         for key, value in query.items():
             if key == "jetstream":
                 continue

@@ -74,6 +74,10 @@ _CONSUMER_EXISTS = (10013, 10148)
 """a durable consumer of that name exists (with another configuration)"""
 _NOT_IN_STREAM = 10093
 """a consumer's filter subject is not among its stream's subjects"""
+_TOO_FEW_SERVERS = (10023, 10074)
+"""insufficient resources (fewer JetStream servers than replicas); replicas > 1 on a server
+that is not clustered"""
+CLUSTER_REPLICAS = 3
 
 
 def _is_not_found(exc: BaseException) -> bool:
@@ -151,7 +155,10 @@ class JetStream:
         msg_id = headers.get(self.header_id)
         # The adapter's own header, written after the caller's: their dict stays as it is.
         extra = (MSG_ID, f"{msg_id}:{topic}") if msg_id is not None else None
-        for retry in (True, False):
+        timeout = broker.publish_timeout
+        deadline = 0.0
+        pause = 0.0
+        while True:
             prefix = self._ack_inbox.value or await self._ack_inbox.get()
             token = str(next(self._tokens))
             future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -159,7 +166,7 @@ class JetStream:
                 await window.acquire()
                 future.add_done_callback(self._window_done)
             self.acks[token] = future
-            self.deadlines.add(broker.publish_timeout, future,
+            self.deadlines.add(timeout, future,
                                functools.partial(self._ack_expired, token, topic))
             try:
                 await broker._send(topic, body, headers, prefix + token, extra)
@@ -175,15 +182,50 @@ class JetStream:
             try:
                 await future
                 return
-            except NoResponders:
-                if not retry:
+            except (NoResponders, TimeoutError) as exc:
+                # No answer at once (no responders): the stream may be gone (deleted),
+                # JetStream restarting, or, on a cluster, the stream electing a leader after
+                # its leader's server died; no answer in time: that server may have died with
+                # the publish. Resend (the same Nats-Msg-Id, so it is stored once) with a
+                # growing pause, for publish_timeout on one server, leader_wait on a cluster.
+                now = time.monotonic()
+                if not deadline:
+                    clustered = len(broker._conn().servers) > 1
+                    if isinstance(exc, TimeoutError) and (extra is None or not clustered):
+                        raise
+                    deadline = now + (broker.leader_wait if clustered
+                                      else broker.publish_timeout)
+                    if isinstance(exc, NoResponders):
+                        await self._recreate_if_gone(topic, deadline)
+                elif now >= deadline:
+                    if isinstance(exc, TimeoutError):
+                        raise
                     raise BrokerConnectionError(
-                        f"JetStream did not answer for {topic!r}: no stream captures it, "
-                        "or JetStream is not available (yet)"
+                        f"JetStream did not answer for {topic!r}: no stream captures it, or "
+                        "JetStream (or the stream's leader) is not available"
                     ) from None
-                # The stream may be gone (deleted) or JetStream restarting: check, then retry.
-                self._forget_stream(topic)
-                await self.stream_for(topic)
+                else:
+                    pause = min(pause * 2 or 0.05, 0.5, deadline - now)
+                    await asyncio.sleep(pause)
+                timeout = min(max(deadline - time.monotonic(), 0.05), broker.publish_timeout)
+
+    async def _recreate_if_gone(self, topic: str, deadline: float) -> None:
+        """After "no responders": create the topic's stream again if it was deleted. A stream
+        that exists (without a leader for now) or a check that fails is left to the resends."""
+        name = self.streams.get(topic) or self.streams.get(topic.split(".", 1)[0])
+        if name is None:
+            return
+        try:
+            await self.broker._conn().jetstream(
+                timeout=max(min(deadline - time.monotonic(), 1.0), 0.1)).stream_info(name)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                return
+        else:
+            return
+        self._forget_stream(topic)
+        with contextlib.suppress(BrokerConnectionError):
+            await self.stream_for(topic)
 
     def _ack_expired(self, token: str, topic: str, future: asyncio.Future[int]) -> None:
         self.acks.pop(token, None)
@@ -268,7 +310,16 @@ class JetStream:
                     name = await self._ensure_stream(pattern, root)
             return name
 
-    def _stream_config(self, name: str, subjects: list[str]) -> Any:
+    def replicas(self) -> int:
+        """Copies of a stream created now: ``replicas`` if given, else 3 when the client
+        knows of three or more servers (those it was given and those the cluster announced in
+        its INFO ``connect_urls``), else 1. Durable consumers inherit their stream's."""
+        if self.broker.replicas is not None:
+            return self.broker.replicas
+        known = {server.netloc for server in self.broker._conn().servers}
+        return CLUSTER_REPLICAS if len(known) >= CLUSTER_REPLICAS else 1
+
+    def _stream_config(self, name: str, subjects: list[str], replicas: int) -> Any:
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
         broker = self.broker
@@ -279,7 +330,28 @@ class JetStream:
             storage=StorageType.FILE if broker.storage == "file" else StorageType.MEMORY,
             max_age=broker.stream_max_age,
             duplicate_window=broker.duplicate_window,
+            num_replicas=replicas,
         )
+
+    async def _add_stream(self, js: JetStreamManager, name: str, subjects: list[str]) -> None:
+        """Create a stream with :meth:`replicas` copies. When that number was a guess (no
+        ``replicas`` option) and the servers have too few JetStream peers, create it with one
+        copy and say so."""
+        from nats.js.errors import APIError
+
+        replicas = self.replicas()
+        try:
+            await js.add_stream(self._stream_config(name, subjects, replicas))
+        except APIError as exc:
+            if replicas == 1 or self.broker.replicas is not None or \
+                    exc.err_code not in _TOO_FEW_SERVERS:
+                raise
+            logger.warning("stream %s: %d replicas refused (%s); created with 1 replica "
+                           "(pass replicas=... to choose)", name, replicas, exc.description)
+            await js.add_stream(self._stream_config(name, subjects, 1))
+            return
+        if replicas > 1:
+            logger.debug("stream %s created with %d replicas", name, replicas)
 
     async def _ensure_stream(self, pattern: str, root: str) -> str:
         from nats.js.errors import APIError, NotFoundError
@@ -295,7 +367,7 @@ class JetStream:
                         f"stream {stream!r} does not exist; create it, or pass "
                         "stream_subjects so the adapter creates it"
                     ) from None
-                await js.add_stream(self._stream_config(stream, subjects))
+                await self._add_stream(js, stream, subjects)
             self.streams[root] = stream
             return stream
         if "*" in root or ">" in root:
@@ -306,7 +378,7 @@ class JetStream:
             )
         name = self._root_stream_name(root)
         try:
-            await js.add_stream(self._stream_config(name, [root, f"{root}.>"]))
+            await self._add_stream(js, name, [root, f"{root}.>"])
         except APIError as exc:
             if exc.err_code == 10058:  # name in use with another config: reuse it
                 self.streams[root] = name

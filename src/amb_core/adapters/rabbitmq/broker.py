@@ -22,6 +22,12 @@ Mapping (docs/rabbitmq.md has the reasons and the figures):
   type travels as the AMQP ``content_type`` property.
 - Reconnect: the runtime's :class:`Supervisor` reconnects with backoff; ``_open`` restores the
   channels, the exchange, the dead-letter keepers and every subscription.
+- Several hosts (the nodes of a cluster: ``url=[...]`` or ``amqp://u:p@h1:5672,h2:5672/``):
+  ``_open`` tries them in turn, starting after the one last lost, on connect and on every
+  reconnect. Exchanges, bindings and quorum queues are the cluster's (a quorum queue keeps a
+  copy on each of up to ``quorum_cluster_size`` nodes and survives the loss of a minority);
+  a plain subscription's exclusive queue lives on the node the client is connected to and is
+  declared again on the next node after a failover.
 
 aio-pika is not used on purpose: its per-message objects cost about 1.5-3x the CPU of aiormq
 (the layer under it) doing the same work, and the client process is CPU-bound.
@@ -101,6 +107,17 @@ def _error_map() -> Mapping:
     )
 
 
+def split_hosts(url: str) -> list[str]:
+    """``amqp://u:p@h1:5672,h2:5673/vh?q`` -> one URL per host (same credentials, vhost and
+    query); a URL with one host comes back alone."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return [url]
+    return [urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host.strip()}"))
+            for host in hosts.split(",") if host.strip()]
+
+
 class RabbitMQBroker(Broker):
     """RabbitMQ through one topic exchange.
 
@@ -118,6 +135,10 @@ class RabbitMQBroker(Broker):
     runtime's :class:`ReconnectPolicy` (its ``connect_timeout`` also bounds how long calls wait
     for a reconnect). ``fast_path``: write acks with aiormq's internals where the installed
     aiormq is a tested version (:mod:`._fast`); False always uses the public API.
+
+    ``url`` may name several hosts (a list of URLs, or one URL with a comma list of
+    ``host:port``): connect and every reconnect try them in turn, each within
+    ``connect_timeout`` divided by the number of hosts.
     """
 
     capabilities = Capabilities(
@@ -137,7 +158,7 @@ class RabbitMQBroker(Broker):
 
     def __init__(
         self,
-        url: str = "amqp://guest:guest@localhost:5672/",
+        url: str | list[str] = "amqp://guest:guest@localhost:5672/",
         *,
         exchange: str = "amb",
         queue_type: str = "quorum",
@@ -159,7 +180,13 @@ class RabbitMQBroker(Broker):
             raise ValueError("plain_prefetch must be at least 1")
         if delivery_limit is not None and (delivery_limit < 1 or queue_type != "quorum"):
             raise ValueError("delivery_limit must be >= 1 and needs queue_type='quorum'")
-        self.url = url
+        self.urls = split_hosts(url) if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("url must name at least one RabbitMQ host")
+        self.url = self.urls[0]
+        """The first host's URL (``urls`` has every host)."""
+        self._next_host = 0
+        """index in ``urls`` of the host the next connect tries first"""
         self.exchange = exchange
         self.queue_type = queue_type
         self.confirms = confirms
@@ -190,9 +217,13 @@ class RabbitMQBroker(Broker):
         self._close_task: asyncio.Task[None] | None = None
         self._delivery_mode = 2 if persistent else 1
 
+    def _hosts_text(self) -> str:
+        return ", ".join(mask_url(u) for u in self.urls)
+
     def __repr__(self) -> str:
+        url = mask_url(self.url) if len(self.urls) == 1 else [mask_url(u) for u in self.urls]
         return (
-            f"RabbitMQBroker(url={mask_url(self.url)!r}, exchange={self.exchange!r}, "
+            f"RabbitMQBroker(url={url!r}, exchange={self.exchange!r}, "
             f"queue_type={self.queue_type!r}, confirms={self.confirms})"
         )
 
@@ -211,7 +242,7 @@ class RabbitMQBroker(Broker):
         if "confirms" in ours:
             ours["confirms"] = ours["confirms"].lower() not in ("0", "false", "no", "off")
         client_url = urlunsplit(parts._replace(query=urlencode(rest)))
-        return cls(url=client_url, **ours)
+        return cls(url=split_hosts(client_url), **ours)
 
     # --- naming ----------------------------------------------------------------------------
 
@@ -251,7 +282,7 @@ class RabbitMQBroker(Broker):
         self._lock = asyncio.Lock()
         self._close_task = None
         supervisor = self._supervisor = Supervisor(
-            f"RabbitMQ at {mask_url(self.url)}",
+            f"RabbitMQ at {self._hosts_text()}",
             open=self._open,
             until_lost=self._until_lost,
             discard=self._discard,
@@ -267,7 +298,7 @@ class RabbitMQBroker(Broker):
         every subscription; the previous connection is gone."""
         assert self._aiormq is not None and self._lock is not None
         async with self._lock:
-            connection: AbstractConnection = await self._aiormq.connect(self.url)
+            connection = await self._connect_any()
             try:
                 publish = await open_channel(connection, confirms=self.confirms)
                 if self.exchange.startswith("amq."):
@@ -292,7 +323,35 @@ class RabbitMQBroker(Broker):
                 raise
         if self._subscriptions:
             logger.debug("%d subscription(s) on %s restored", len(self._subscriptions),
-                         mask_url(self.url))
+                         mask_url(self.urls[self._next_host - 1]))
+
+    async def _connect_any(self) -> AbstractConnection:
+        """A connection to the first host that takes one, trying each in turn from the one
+        after the host last connected to (so a lost node is tried last)."""
+        assert self._aiormq is not None
+        urls = self.urls
+        if len(urls) == 1:
+            return await self._aiormq.connect(urls[0])  # type: ignore[no-any-return]
+        each = self.reconnect.connect_timeout / len(urls)
+        failure: BaseException | None = None
+        start = self._next_host
+        for step in range(len(urls)):
+            index = (start + step) % len(urls)
+            try:
+                connection: AbstractConnection = await asyncio.wait_for(
+                    self._aiormq.connect(urls[index]), each)
+            except (OSError, asyncio.TimeoutError, self._aiormq.exceptions.AMQPError) as exc:
+                logger.debug("RabbitMQ at %s: %r; trying the next host", mask_url(urls[index]),
+                             exc)
+                failure = exc
+                continue
+            self._next_host = (index + 1) % len(urls)
+            if step:
+                logger.info("connected to RabbitMQ at %s (%d host(s) before it failed)",
+                            mask_url(urls[index]), step)
+            return connection
+        assert failure is not None
+        raise failure
 
     async def _until_lost(self) -> None:
         connection = self._connection
@@ -445,7 +504,44 @@ class RabbitMQBroker(Broker):
             self._lost_channel(channel, f"publish to {topic!r}")
             raise
         except Exception as exc:
-            self._raise_mapped(exc, f"publish to {topic!r}")
+            assert self._aiormq is not None
+            if not isinstance(exc, self._aiormq.exceptions.DeliveryError) or \
+                    isinstance(exc, self._aiormq.exceptions.PublishError):
+                self._raise_mapped(exc, f"publish to {topic!r}")
+            await self._publish_again(channel, topic, body, properties, exc)
+
+    async def _publish_again(self, channel: Channel, topic: str, body: bytes,
+                             properties: Any, nack: Exception) -> None:
+        """The broker nacked a publish: send it once more on a new publish channel.
+
+        RabbitMQ 3.10 (seen on a cluster, a quorum queue's leader node killed): a channel
+        opened during the queue's leader election can nack every later publish to the queue
+        while a new channel is served. A nack means the broker took no responsibility, so the
+        message is sent again (a queue that took it anyway gets it twice: at least once)."""
+        if self._publish_channel is channel:
+            self._publish_channel = None
+            if not self.confirms:  # pragma: no cover - nacks need confirms
+                self._reply_channel = None
+            # Later confirms of the old channel still come back: close it once they have.
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.reconnect.connect_timeout,
+                            lambda: loop.create_task(self._close_quietly(channel)))
+        fresh = await self._channel("publish")
+        try:
+            await fresh.basic_publish(
+                body, exchange=self.exchange, routing_key=topic, properties=properties,
+                wait=False,
+            )
+        except asyncio.CancelledError:
+            self._lost_channel(fresh, f"publish to {topic!r}")
+            raise
+        except Exception as exc:
+            self._raise_mapped(exc, f"publish to {topic!r} (sent again after {nack})")
+
+    async def _close_quietly(self, channel: Channel) -> None:
+        if not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), self.reconnect.connect_timeout)
 
     async def send_reply(self, reply_to: str, body: bytes, headers: dict[str, str]) -> None:
         """Publish to ``reply_to`` (a direct reply-to or reply queue address, used as it is) on
