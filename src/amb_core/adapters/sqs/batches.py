@@ -21,9 +21,16 @@ Failure = Callable[[str, dict[str, Any]], BaseException]
 
 
 class Batches:
-    __slots__ = ("_fail", "_max_bytes", "_pending", "_scheduled", "_send", "_tasks")
+    """``ordered``: the batches of one destination are sent one after the other (FIFO topics:
+    concurrent calls could land in either order); else they overlap."""
 
-    def __init__(self, send: SendBatch, fail: Failure, *, max_bytes: int) -> None:
+    __slots__ = ("_fail", "_last", "_max_bytes", "_pending", "_scheduled", "_send", "_tasks",
+                 "ordered")
+
+    def __init__(self, send: SendBatch, fail: Failure, *, max_bytes: int,
+                 ordered: bool = False) -> None:
+        self.ordered = ordered
+        self._last: dict[str, asyncio.Task[None]] = {}
         self._send = send
         self._fail = fail
         self._max_bytes = max_bytes
@@ -61,12 +68,23 @@ class Batches:
 
     def _start(self, loop: asyncio.AbstractEventLoop, destination: str,
                batch: list[tuple[dict[str, Any], int, asyncio.Future[None]]]) -> None:
-        task = loop.create_task(self._call(destination, batch))
+        previous = self._last.get(destination) if self.ordered else None
+        task = loop.create_task(self._call(destination, batch, previous))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self.ordered:
+            self._last[destination] = task
+            task.add_done_callback(lambda done: self._forget(destination, done))
+
+    def _forget(self, destination: str, task: asyncio.Task[None]) -> None:
+        if self._last.get(destination) is task:
+            del self._last[destination]
 
     async def _call(self, destination: str,
-                    batch: list[tuple[dict[str, Any], int, asyncio.Future[None]]]) -> None:
+                    batch: list[tuple[dict[str, Any], int, asyncio.Future[None]]],
+                    previous: asyncio.Task[None] | None = None) -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
         entries = []
         for index, (entry, _, _) in enumerate(batch):
             entry["Id"] = str(index)

@@ -198,7 +198,8 @@ class AWSSQSBroker(Broker):
         self._subscriptions: set[Subscription] = set()
         self._kept: set[str] = set()
         self._urls: dict[str, str] = {}
-        self._sns_batches = Batches(self._send_batch, self._refused, max_bytes=SNS_LIMIT)
+        self._sns_batches = Batches(self._send_batch, self._refused, max_bytes=SNS_LIMIT,
+                                   ordered=use_fifo)
         self._sqs_batches = Batches(self._send_batch, self._refused, max_bytes=SQS_LIMIT)
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
