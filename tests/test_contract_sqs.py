@@ -78,3 +78,25 @@ class TestSQSContract(BrokerContract):
     @pytest.fixture
     def restartable(self, private_moto: MotoServer):  # noqa: F811
         return (lambda: sqs_broker(private_moto.url, **self.options)), private_moto.restart
+
+
+class TestSQSFifoContract(TestSQSContract):
+    """FIFO topic and queues (``use_fifo=True``): ordering per key (``MessageGroupId``), so
+    the ordering case runs here."""
+
+    options = {"use_fifo": True}
+
+
+class TestSQSLargePayloadContract(TestSQSContract):
+    """With ``large_payload_bucket``: no payload limit (bodies over SNS's go to moto S3)."""
+
+    options = {"large_payload_bucket": BUCKET}
+
+    @pytest.fixture(autouse=True)
+    def _reset(self, moto_server: MotoServer) -> None:  # noqa: F811
+        import urllib.request
+
+        moto_server.reset()
+        request = urllib.request.Request(f"{moto_server.url}/{BUCKET}", method="PUT")
+        with urllib.request.urlopen(request, timeout=10):
+            pass

@@ -241,3 +241,14 @@ async def test_large_payload_through_s3_with_the_extended_client_pointer(
         await bus.subscribe("large", take, consumer_group="readers")
         await wait_until(lambda: len(got) == 1)
         assert got[0].payload == big
+
+
+def test_missing_moto_fails_when_ci_requires_sqs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import moto_servers
+
+    monkeypatch.setenv("AMB_REQUIRE_BROKERS", "redis,sqs")
+    with pytest.raises(pytest.fail.Exception, match="requires sqs"):
+        moto_servers._unavailable("moto not installed")
+    monkeypatch.setenv("AMB_REQUIRE_BROKERS", "redis")
+    with pytest.raises(pytest.skip.Exception):
+        moto_servers._unavailable("moto not installed")
