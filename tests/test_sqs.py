@@ -252,3 +252,32 @@ def test_missing_moto_fails_when_ci_requires_sqs(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("AMB_REQUIRE_BROKERS", "redis")
     with pytest.raises(pytest.skip.Exception):
         moto_servers._unavailable("moto not installed")
+
+
+async def test_ack_after_the_lease_was_given_up_still_deletes(
+    moto_server: MotoServer,  # noqa: F811
+) -> None:
+    """Past the 12 h cap the keeper stops renewing; a handler that then finishes must still
+    delete the message (an ack that checked the lease first did nothing)."""
+    moto_server.reset()
+    broker = sqs_broker(moto_server.url, visibility_timeout=2, wait_time_seconds=1)
+    await broker.connect()
+    deliveries: list[Delivery] = []
+    got = asyncio.Event()
+
+    async def hold(delivery: Delivery) -> None:
+        deliveries.append(delivery)
+        got.set()
+
+    try:
+        sub: Any = await broker.subscribe("given.up", hold, group="g")
+        await broker.publish("given.up", b'{"x": 1}', {})
+        await asyncio.wait_for(got.wait(), 20)
+        assert sub.leases.release(deliveries[0])  # what the cap does
+        await deliveries[0].ack()
+        await sub.acks.flush()
+        assert sub.acks.sent == 1
+        await asyncio.sleep(3.5)  # past the visibility timeout: it would be back
+        assert len(deliveries) == 1
+    finally:
+        await broker.close()

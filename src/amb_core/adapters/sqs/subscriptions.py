@@ -39,7 +39,7 @@ SYSTEM_ATTRIBUTES = ["ApproximateReceiveCount", "SentTimestamp", "SequenceNumber
 
 
 class SQSDelivery(Delivery):
-    __slots__ = ("_sub", "message_id", "receipt", "received_at")
+    __slots__ = ("_sub", "message_id", "receipt", "received_at", "settled")
 
     def __init__(self, sub: Subscription, topic: str, body: bytes, headers: dict[str, str],
                  count: int | None, receipt: str, message_id: str, received_at: float) -> None:
@@ -48,20 +48,26 @@ class SQSDelivery(Delivery):
         self.receipt = receipt
         self.message_id = message_id
         self.received_at = received_at
+        self.settled = False
 
     async def ack(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
         sub = self._sub
-        if sub.leases.release(self):
-            sub.acks.add(self)
-            if sub.fifo and not sub.leases:
-                sub.settled.set()
+        sub.leases.release(self)  # not held any more past the 12 h cap: deleted all the same
+        sub.acks.add(self)
+        if sub.fifo and not sub.leases:
+            sub.settled.set()
 
     async def retry_later(self, delay: float) -> bool:
         """Make the message visible again after ``delay`` (rounded up to whole seconds, SQS's
         unit): SQS redelivers it with its receive count one higher."""
+        if self.settled:
+            return True
+        self.settled = True
         sub = self._sub
-        if not sub.leases.release(self):
-            return True  # settled already (closing)
+        sub.leases.release(self)
         elapsed = time.monotonic() - self.received_at
         timeout = max(0, min(math.ceil(delay), int(MAX_VISIBILITY - elapsed) - 1))
         try:
