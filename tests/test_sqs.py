@@ -281,3 +281,58 @@ async def test_ack_after_the_lease_was_given_up_still_deletes(
         assert len(deliveries) == 1
     finally:
         await broker.close()
+
+
+async def _queue_names(broker: AWSSQSBroker) -> set[str]:
+    response = await broker.sqs.list_queues(QueueNamePrefix=broker.queue_name)
+    return {url.rsplit("/", 1)[-1] for url in response.get("QueueUrls", [])}
+
+
+async def test_delete_group_removes_its_queue_and_what_waits_in_it(make_bus: Any) -> None:
+    bus = await make_bus()
+    broker: AWSSQSBroker = bus.broker
+
+    async def ignore(msg: Message) -> None:
+        return None
+
+    sub = await bus.subscribe("doomed.t", ignore, consumer_group="doomed")
+    await sub.unsubscribe()
+    await bus.publish(Message(topic="doomed.t", payload="waits"))
+    name = broker.group_queue_name("doomed", "doomed.t")
+    assert name in await _queue_names(broker)
+    await bus.delete_consumer_group("doomed.t", "doomed")
+    assert name not in await _queue_names(broker)
+    subscriptions = await broker.sns.list_subscriptions_by_topic(TopicArn=broker.topic_arn)
+    assert not [s for s in subscriptions["Subscriptions"] if s["Endpoint"].endswith(name)]
+    await bus.delete_consumer_group("doomed.t", "doomed")  # gone already: no error
+    got: list[Any] = []
+
+    async def take(msg: Message) -> None:
+        got.append(msg.payload)
+
+    await bus.subscribe("doomed.t", take, consumer_group="doomed")  # a new, empty group
+    await bus.publish(Message(topic="doomed.t", payload="fresh"))
+    await wait_until(lambda: "fresh" in got)
+    assert got == ["fresh"]
+
+
+async def test_plain_and_reply_queues_are_deleted_on_close(make_bus: Any) -> None:
+    bus = await make_bus()
+    broker: AWSSQSBroker = bus.broker
+
+    async def echo(msg: Message) -> Any:
+        return msg.payload
+
+    before = await _queue_names(broker)
+    await bus.subscribe("echo", echo)
+    assert (await bus.request(Message(topic="echo", payload=1), timeout=20)).payload == 1
+    during = await _queue_names(broker)
+    assert len([n for n in during - before if "-s-" in n]) == 1
+    assert len([n for n in during - before if "-r-" in n]) == 1
+    other = await make_bus()
+    await bus.close()
+    after = await _queue_names(other.broker)
+    assert not [n for n in after if "-s-" in n or "-r-" in n]
+    assert [n for n in during - before if "-d-" in n] == [broker.keeper_queue_name(
+        "amb.dead-letter")]  # the dead-letter keeper stays
+    assert broker.keeper_queue_name("amb.dead-letter") in after
