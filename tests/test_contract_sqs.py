@@ -49,7 +49,9 @@ async def raw_sqs_publish(broker_url: str, topic: str, body: bytes,
     async with get_session().create_client("sns", region_name="us-east-1",
                                            endpoint_url=broker_url) as sns:
         name = queue_name + (".fifo" if fifo else "")
-        arn = (await sns.create_topic(Name=name))["TopicArn"]
+        topic_attributes = {"FifoTopic": "true", "ContentBasedDeduplication": "false"} \
+            if fifo else {}
+        arn = (await sns.create_topic(Name=name, Attributes=topic_attributes))["TopicArn"]
         extra = {"MessageGroupId": "foreign", "MessageDeduplicationId": str(id(body))} \
             if fifo else {}
         await sns.publish(TopicArn=arn, Message=text, MessageAttributes=attributes, **extra)
