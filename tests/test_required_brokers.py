@@ -22,6 +22,13 @@ def _tansu() -> bool:
         return False
 
 
+def _moto() -> bool:
+    """moto's server and aiobotocore (tests/moto_servers.py runs it)."""
+    from tests.moto_servers import MotoServer
+
+    return MotoServer.available() is None
+
+
 def _rabbitmq_nodes() -> bool:
     """Private RabbitMQ nodes need the server's programs and root (tests/servers.py)."""
     from tests.servers import PrivateRabbit
@@ -36,6 +43,7 @@ CHECKS: dict[str, Callable[[], bool]] = {
     "kafka": _tansu,
     "redis-cluster": lambda: bool(shutil.which("redis-server") and shutil.which("redis-cli")),
     "nats-cluster": lambda: bool(shutil.which("nats-server")),
+    "sqs": lambda: _moto(),
     "rabbitmq-cluster": lambda: _rabbitmq_nodes(),
 }
 
