@@ -87,7 +87,7 @@ _NOT_FOUND = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "N
 
 
 def _error_map() -> Mapping:
-    from botocore import exceptions as e  # type: ignore[import-untyped]
+    from botocore import exceptions as e
 
     return (
         ((e.EndpointConnectionError, e.ConnectionClosedError, e.ConnectTimeoutError,
