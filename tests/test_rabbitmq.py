@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -128,8 +129,12 @@ async def test_a_publish_cancelled_by_its_closed_channel_is_a_connection_error()
             RabbitMQBroker._lost_channel(Closed(), "publish")  # type: ignore[arg-type]
             raise
 
-    with pytest.raises(BrokerConnectionError, match="channel closed"):
-        await asyncio.ensure_future(publishing())
+    if sys.version_info >= (3, 11):  # 3.10 has no Task.cancelling: it stays a cancellation
+        with pytest.raises(BrokerConnectionError, match="channel closed"):
+            await asyncio.ensure_future(publishing())
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.ensure_future(publishing())
 
     started = asyncio.Event()
 
@@ -459,7 +464,8 @@ async def test_acks_of_a_channel_are_written_in_order_when_the_write_queue_is_fu
 
     broker = bus.broker
     assert isinstance(broker, RabbitMQBroker) and broker._connection is not None
-    assert broker.fast_path_on
+    if not broker.fast_path_on:
+        pytest.skip("this aiormq is not on the fast path's allow-list (the public acks are used)")
     channel = await broker._connection.channel()
     writer: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # stands in for aiormq's writer
     channel.write_queue = writer  # type: ignore[misc]

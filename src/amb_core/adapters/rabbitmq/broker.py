@@ -483,10 +483,11 @@ class RabbitMQBroker(Broker):
     def _lost_channel(channel: Channel, what: str) -> None:
         """A CancelledError out of a publish whose channel closed under it, in a task nobody
         cancels, is a lost channel (aiormq versions without ``_raise_on_channel_close`` cancel
-        the pending confirmations): raise that. A real cancellation stays one."""
+        the pending confirmations): raise that. A real cancellation stays one. Python 3.10
+        cannot tell the two apart (no ``Task.cancelling``): there it stays a cancellation."""
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-        if channel.is_closed and (cancelling is None or not cancelling()):
+        if cancelling is not None and channel.is_closed and not cancelling():
             raise BrokerConnectionError(f"RabbitMQ: {what} failed: the channel closed") from None
 
     async def publish(self, topic: str, body: bytes, headers: dict[str, str]) -> None:
