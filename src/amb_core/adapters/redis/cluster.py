@@ -32,6 +32,7 @@ from amb_core.adapters.redis.writer import (
     Writer,
     durability_error,
     open_writer,
+    settle_replies,
     settle_short,
 )
 from amb_core.broker import INBOX_PREFIX
@@ -171,7 +172,6 @@ class ClusterWriter(Writer):
 
     async def _send_node(self, address: tuple[str, int], batch: list[Entry]) -> list[Entry]:
         """Write ``batch`` to one node; returns the entries to send again elsewhere."""
-        exceptions = require("redis.exceptions", "redis")
         broker = self.broker
         conn = self.conns.get(address)
         try:
@@ -208,23 +208,7 @@ class ClusterWriter(Writer):
         if short is not None:
             retry = settle_short(batch, replies, self.has_stream, short)
         else:
-            has_stream = self.has_stream
-            for entry, reply in zip(batch, replies, strict=True):
-                _, future, topic = entry
-                if isinstance(reply, Exception):
-                    if isinstance(reply, self.redirects):
-                        redirected.append(entry)
-                    elif isinstance(reply, exceptions.NoScriptError):
-                        retry.append(entry)
-                    elif future is not None and not future.done():
-                        future.set_exception(reply)
-                    else:
-                        logger.error("Redis refused a pipelined command: %s", reply)
-                    continue
-                if topic is not None:
-                    has_stream[topic] = reply == 1
-                if future is not None and not future.done():
-                    future.set_result(None)
+            settle_replies(batch, replies, self.has_stream, retry, redirected, self.redirects)
         if retry:  # the node lost its script cache (restart, failover to a fresh replica)
             await conn.send_command("SCRIPT", "LOAD", PUBLISH_SCRIPT)
             await conn.read_response()

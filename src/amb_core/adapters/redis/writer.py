@@ -176,7 +176,6 @@ class Writer:
                 future.set_exception(exc)
 
     async def _send(self, batch: list[Entry]) -> None:
-        exceptions = require("redis.exceptions", "redis")
         broker = self.broker
         conn = self.conn
         try:
@@ -199,20 +198,7 @@ class Writer:
                     retry = settle_short(batch, replies, has_stream, short)
                     replies = []  # settled
                     batch = []
-            for entry, reply in zip(batch, replies, strict=True):
-                _, future, topic = entry
-                if isinstance(reply, exceptions.ResponseError):
-                    if isinstance(reply, exceptions.NoScriptError):
-                        retry.append(entry)
-                    elif future is not None and not future.done():
-                        future.set_exception(reply)
-                    else:
-                        logger.error("Redis refused a pipelined command: %s", reply)
-                    continue
-                if topic is not None:
-                    has_stream[topic] = reply == 1
-                if future is not None and not future.done():
-                    future.set_result(None)
+            settle_replies(batch, replies, has_stream, retry)
         except connection_errors() as exc:
             if conn is not None:
                 await conn.disconnect(nowait=True)
@@ -239,6 +225,31 @@ def durability_error(broker: RedisBroker, acknowledged: object) -> Exception | N
         f"only {acknowledged} of {broker.durable_replicas} replica(s) acknowledged the publish "
         f"within {broker.durable_timeout} s (durable_replicas): it is stored on the master "
         "but a failover may lose it; retrying may store it twice")
+
+
+def settle_replies(batch: list[Entry], replies: list[_fast.Reply], has_stream: dict[str, bool],
+                   retry: list[Entry], redirected: list[Entry] | None = None,
+                   redirects: tuple[type[BaseException], ...] = ()) -> None:
+    """Each pipelined reply to its publisher: the stream it learnt of, or the server's error.
+    Entries the server lost its script for go to ``retry``; with ``redirected``, entries
+    answered by one of ``redirects`` (a cluster's MOVED, ASK ...) go there."""
+    exceptions = require("redis.exceptions", "redis")
+    for entry, reply in zip(batch, replies, strict=True):
+        _, future, topic = entry
+        if isinstance(reply, Exception):
+            if redirected is not None and isinstance(reply, redirects):
+                redirected.append(entry)
+            elif isinstance(reply, exceptions.NoScriptError):
+                retry.append(entry)
+            elif future is not None and not future.done():
+                future.set_exception(reply)
+            else:
+                logger.error("Redis refused a pipelined command: %s", reply)
+            continue
+        if topic is not None:
+            has_stream[topic] = reply == 1
+        if future is not None and not future.done():
+            future.set_result(None)
 
 
 def settle_short(batch: list[Entry], replies: list[_fast.Reply], has_stream: dict[str, bool],
